@@ -1,0 +1,54 @@
+"""Engine adapters: each turns what an engine hands the optimizer into layouts.
+
+An adapter module exposes ``bind(target, model, config) -> Binding | None`` and returns
+``None`` when ``target`` is not its engine's. It imports its engine lazily (only when
+the engine's module is already loaded), so ``import dist_gc`` needs only torch.
+``dist_gc.attach`` asks the adapters in ``ADAPTERS`` order; the first binding wins.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..core.select import Target
+from ..engine.layout import TensorPlan
+
+__all__ = ["Binding", "ADAPTERS", "bind"]
+
+#: Adapter modules, most specific first; ``plain`` (any torch optimizer) is last.
+ADAPTERS = [
+    "dist_gc.adapters.plain",
+]
+
+
+@dataclass(slots=True)
+class Binding:
+    """What an adapter found: the optimizer whose step applies the update (GC hooks
+    its step pre-hook) and the layouts of every GC target on this rank."""
+
+    optimizer: torch.optim.Optimizer
+    plans: list[TensorPlan]
+    sources: list[Callable[[], "torch.Tensor | None"]]
+    targets: dict[str, Target]
+    engine: str
+    """Human-readable name of the engine configuration (for logs and errors)."""
+    extras: dict[str, Any] = field(default_factory=dict)
+    on_remove: list[Callable[[], None]] = field(default_factory=list)
+    verify: Callable[[], None] | None = None
+    """Optional check run once after the hook is in place (e.g. layout vs values)."""
+
+
+def bind(target: Any, model: Any, config: Any) -> Binding:
+    for path in ADAPTERS:
+        binding = importlib.import_module(path).bind(target, model, config)
+        if binding is not None:
+            return binding
+    raise TypeError(
+        f"dist_gc.attach: cannot attach to a {type(target).__module__}.{type(target).__qualname__}; "
+        "expected a torch.optim.Optimizer, an FSDP optimizer with model=, a DeepSpeedEngine, "
+        "or accelerate's AcceleratedOptimizer"
+    )

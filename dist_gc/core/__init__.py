@@ -1,0 +1,1 @@
+"""Pure GC math, configuration and parameter selection (imports only torch)."""

@@ -1,0 +1,123 @@
+"""The math of gradient centralization on one (piece of a) tensor. Imports only torch.
+
+A gradient ``G`` of shape ``(d_0, ..., d_{n-1})`` with output dim ``k`` is viewed as
+``(outer, channels, inner) = (prod(d_:k), d_k, prod(d_k+1:))``: channel ``c`` holds
+the elements ``G[..., c, ...]``, a contiguous run of ``inner`` elements repeated every
+``channels * inner`` elements of the flattened tensor. ``mode="tensor"`` is the same
+geometry with ``(1, 1, numel)``. Everything the sharded engine does is expressed in
+this geometry, so one code path serves dim-0, strided (dim 1, last dim) and whole-tensor
+means.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+__all__ = ["Geometry", "geometry_of", "centralize_", "add_sums_", "subtract_means_", "DEFAULT_TEMP_BYTES"]
+
+#: Temporaries made by low-precision subtraction are bounded by this many bytes
+#: (the engine raises it to 1% of the local gradient shard when that is larger).
+DEFAULT_TEMP_BYTES = 64 * 2**20
+
+_WIDE = (torch.float32, torch.float64)
+
+
+@dataclass(frozen=True, slots=True)
+class Geometry:
+    """How the means of one tensor are laid out in its row-major flattening."""
+
+    outer: int
+    channels: int
+    inner: int
+
+    @property
+    def count(self) -> int:
+        """Elements averaged by each mean."""
+        return self.outer * self.inner
+
+    @property
+    def period(self) -> int:
+        return self.channels * self.inner
+
+
+def normalize_dim(dim: int, ndim: int, *, name: str = "tensor") -> int:
+    if not -ndim <= dim < ndim:
+        raise ValueError(f"{name}: output_dim={dim} is out of range for a {ndim}-dim tensor (allowed: {-ndim}..{ndim - 1})")
+    return dim % ndim
+
+
+def geometry_of(shape: Sequence[int], mode: str = "channel", output_dim: int = 0) -> Geometry:
+    """Geometry of a tensor of ``shape``: ``mode="channel"`` averages every dim except
+    ``output_dim``; ``mode="tensor"`` averages all dims."""
+    numel = math.prod(shape)
+    if mode == "tensor":
+        return Geometry(1, 1, numel)
+    if mode != "channel":
+        raise ValueError(f"mode={mode!r} (allowed: 'channel' or 'tensor')")
+    d = normalize_dim(output_dim, len(shape))
+    return Geometry(math.prod(shape[:d]), shape[d], math.prod(shape[d + 1 :]))
+
+
+def _chunks(x: torch.Tensor, other: torch.Tensor, limit: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Split ``x`` (and the broadcast-shaped ``other`` alongside it) into views of at
+    most ``limit`` elements, so that fp32 temporaries stay bounded."""
+    if x.numel() <= limit:
+        yield x, other
+        return
+    d = next(i for i in range(x.dim()) if x.size(i) > 1)
+    step = max(1, x.size(d) * limit // x.numel())
+    for start in range(0, x.size(d), step):
+        n = min(step, x.size(d) - start)
+        o = other.narrow(d, start, n) if other.size(d) > 1 else other
+        yield from _chunks(x.narrow(d, start, n), o, limit)
+
+
+def add_sums_(x: torch.Tensor, sums: torch.Tensor, limit_bytes: int = DEFAULT_TEMP_BYTES) -> None:
+    """``sums += x`` reduced (in fp32) over every dim where ``sums`` has size 1.
+
+    ``sums`` is an fp32 view with ``x.dim()`` dims, broadcastable to ``x``."""
+    dims = tuple(i for i in range(x.dim()) if sums.size(i) == 1)
+    if x.dtype in _WIDE:
+        sums.add_(x.sum(dims, keepdim=True, dtype=torch.float32) if dims else x.float())
+        return
+    for xc, sc in _chunks(x, sums, max(1, limit_bytes // 4)):
+        sc.add_(xc.float().sum(dims, keepdim=True) if dims else xc.float())
+
+
+def subtract_means_(x: torch.Tensor, means: torch.Tensor, limit_bytes: int = DEFAULT_TEMP_BYTES) -> None:
+    """``x -= means`` in place; computed in fp32 and written back in ``x.dtype``."""
+    if x.dtype in _WIDE:
+        x.sub_(means.to(x.dtype))
+        return
+    for xc, mc in _chunks(x, means, max(1, limit_bytes // 4)):
+        xc.copy_(xc.float().sub_(mc))
+
+
+def centralize_(tensor: torch.Tensor, *, mode: str = "channel", output_dim: int = 0) -> torch.Tensor:
+    """Gradient centralization of a full tensor, in place; returns ``tensor``.
+
+    ``mode="channel"``: ``G -= G.mean(dims != output_dim)``, one mean per output
+    channel (Yong et al., ECCV 2020). ``mode="tensor"``: ``G -= G.mean()``.
+    Statistics are accumulated in fp32 whatever the dtype.
+
+    Example::
+
+        >>> g = torch.tensor([[1.0, 3.0], [2.0, 6.0]])
+        >>> centralize_(g)
+        tensor([[-1.,  1.],
+                [-2.,  2.]])
+    """
+    if tensor.dim() == 0:
+        raise ValueError("centralize_: a 0-dim tensor has no channels to centralize")
+    geo = geometry_of(tensor.shape, mode, output_dim)
+    shape = [1] * tensor.dim()
+    if mode == "channel":
+        shape[normalize_dim(output_dim, tensor.dim())] = geo.channels
+    sums = torch.zeros(shape, dtype=torch.float32, device=tensor.device)
+    add_sums_(tensor, sums)
+    subtract_means_(tensor, sums.div_(geo.count))
+    return tensor

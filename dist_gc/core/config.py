@@ -1,0 +1,168 @@
+"""``GCConfig``: the one configuration object every entry point reads.
+
+The same schema is accepted as keyword arguments, a dict, a JSON/YAML file, or the
+``"gradient_centralization"`` block of a DeepSpeed JSON config. Validation happens in
+``__post_init__`` (types and values) and again at attach time (patterns must match a
+parameter of the model), always before any collective is issued, so a bad config
+fails on every rank at setup instead of hanging or silently doing nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+__all__ = ["GCConfig", "DEEPSPEED_CONFIG_KEY", "MODES"]
+
+#: Top-level key of a DeepSpeed JSON config that holds the GC block.
+DEEPSPEED_CONFIG_KEY = "gradient_centralization"
+#: Allowed values of ``GCConfig.mode``.
+MODES = ("channel", "tensor")
+
+
+@dataclass(kw_only=True, slots=True)
+class GCConfig:
+    """Gradient centralization settings (Yong et al., ECCV 2020, arXiv 2004.01461).
+
+    Example::
+
+        GCConfig(mode="channel", exclude=["lm_head.*"], output_dim={"proj.*": 1})
+    """
+
+    enabled: bool = True
+    """Master switch. ``False`` makes ``attach`` a no-op that still validates the config."""
+
+    mode: str = "channel"
+    """``"channel"``: subtract the mean over every dim except the layer's output dim
+    (one mean per output channel / filter, the paper's GC). ``"tensor"``: subtract one
+    mean over all elements, ``G - mean(G)``."""
+
+    min_ndim: int = 2
+    """Tensors with fewer dims are left alone (biases, norm scales). 4 = conv weights
+    only, the paper's GCC variant."""
+
+    include: tuple[str, ...] = ("*",)
+    """fnmatch patterns on the user's own parameter names (wrapper prefixes such as
+    ``module.`` or ``_fsdp_wrapped_module.`` removed). A parameter is centralized when it
+    matches one of them and none of ``exclude``. Every pattern must match a parameter."""
+
+    exclude: tuple[str, ...] = ()
+    """fnmatch patterns of parameters never to centralize. Every pattern must match."""
+
+    output_dim: Mapping[str, int] = field(default_factory=dict)
+    """``{pattern: dim}`` overrides of the detected output dim (negative dims count
+    from the end). Detection: dim 0 for Linear/Conv/Embedding, dim 1 for ConvTranspose,
+    the last dim for Hugging Face ``Conv1D``. First matching pattern wins."""
+
+    skip_degenerate: bool = True
+    """Skip (and warn once about) tensors whose means each cover one element — fan-in 1,
+    e.g. ``Linear(1, n)`` or rank-1 LoRA factors — whose gradient GC would zero. With
+    ``False`` such a tensor raises ``ValueError`` at attach time instead."""
+
+    full_stats: bool = False
+    """Also measure, every step, the gradient norm before/after and the max |mean| after
+    GC (which must be ~0). Costs one extra read of the gradients and one small
+    all-reduce per step; off by default."""
+
+    def __post_init__(self) -> None:
+        errors: list[str] = []
+
+        def bad(key: str, value: Any, allowed: str) -> None:
+            errors.append(f"{key}={value!r} (allowed: {allowed})")
+
+        for key in ("enabled", "skip_degenerate", "full_stats"):
+            if not isinstance(getattr(self, key), bool):
+                bad(key, getattr(self, key), "true or false")
+        if self.mode not in MODES:
+            bad("mode", self.mode, " or ".join(repr(m) for m in MODES))
+        if isinstance(self.min_ndim, bool) or not isinstance(self.min_ndim, int) or self.min_ndim < 1:
+            bad("min_ndim", self.min_ndim, "an integer >= 1 (2: all weights, 4: conv only)")
+        for key in ("include", "exclude"):
+            value = getattr(self, key)
+            if isinstance(value, (list, tuple)) and all(isinstance(p, str) and p for p in value):
+                setattr(self, key, tuple(value))
+            else:
+                bad(key, value, "a list of non-empty fnmatch pattern strings")
+        if not self.include and isinstance(self.include, tuple):
+            bad("include", self.include, "at least one pattern (use enabled=false to turn GC off)")
+        od = self.output_dim
+        if isinstance(od, Mapping) and all(
+            isinstance(k, str) and k and isinstance(v, int) and not isinstance(v, bool) for k, v in od.items()
+        ):
+            self.output_dim = dict(od)
+        else:
+            bad("output_dim", od, "a mapping {pattern: integer dim}")
+        if errors:
+            raise ValueError("invalid gradient centralization config: " + "; ".join(errors))
+
+    # ----------------------------------------------------------------- constructors
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, where: str = "config") -> "GCConfig":
+        """Build from a mapping; unknown keys raise ``ValueError`` naming them."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{where}: expected a mapping of GC settings, got {type(data).__name__} {data!r}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(k for k in data if k not in known)
+        if unknown:
+            raise ValueError(
+                f"{where}: unknown gradient centralization key(s) {', '.join(map(repr, unknown))} "
+                f"(allowed: {', '.join(known)})"
+            )
+        try:
+            return cls(**dict(data))
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "GCConfig":
+        """Load a JSON or YAML (``.yaml``/``.yml``) file holding the GC settings, or a
+        whole DeepSpeed config that contains a ``"gradient_centralization"`` block."""
+        data = _load_file(path)
+        if isinstance(data, Mapping) and DEEPSPEED_CONFIG_KEY in data:
+            return cls.from_deepspeed_config(data, where=str(path))
+        return cls.from_dict(data, where=str(path))
+
+    @classmethod
+    def from_deepspeed_config(cls, config: Mapping[str, Any] | str | os.PathLike, *, where: str | None = None) -> "GCConfig":
+        """Read the top-level ``"gradient_centralization"`` block of a DeepSpeed config
+        (dict or path). An absent block means GC is disabled."""
+        if isinstance(config, (str, os.PathLike)):
+            where = where or str(config)
+            config = _load_file(config)
+        where = where or "deepspeed config"
+        if not isinstance(config, Mapping):
+            raise ValueError(f"{where}: a DeepSpeed config must be a mapping, got {type(config).__name__}")
+        if DEEPSPEED_CONFIG_KEY not in config:
+            return cls(enabled=False)
+        return cls.from_dict(config[DEEPSPEED_CONFIG_KEY], where=f"{where}: {DEEPSPEED_CONFIG_KEY}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["include"], out["exclude"] = list(self.include), list(self.exclude)
+        out["output_dim"] = dict(self.output_dim)
+        return out
+
+
+def _load_file(path: str | os.PathLike) -> Any:
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ValueError(f"cannot read GC config file {path!r}: {exc}") from None
+    if path.endswith((".yaml", ".yml")):
+        try:
+            import yaml
+        except ImportError:  # pragma: no cover - pyyaml is a declared dependency
+            raise ValueError(f"{path}: reading YAML needs PyYAML (pip install pyyaml)") from None
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: not valid YAML: {exc}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON: {exc}") from None

@@ -1,0 +1,207 @@
+"""The shared engine: local fp32 partial sums -> one all-reduce per group -> subtract.
+
+Bytes on the wire per optimizer step, per process group ``g``::
+
+    4 * sum over targets t reduced over g of |split channels of t|
+
+where a channel is "split" when two or more ranks of ``g`` hold some of its elements
+(for output dim 0 that is at most one row per shard boundary; for a strided output
+dim or ``mode="tensor"`` it is every channel of a tensor cut by a boundary). The size
+is independent of tensor sizes and is reported in :attr:`GCStats.bytes_communicated`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ..core.centralize import DEFAULT_TEMP_BYTES, add_sums_, subtract_means_
+from .layout import Region, TensorPlan
+
+__all__ = ["GCEngine", "GCStats"]
+
+Source = Callable[[], "torch.Tensor | None"]
+
+
+@dataclass(slots=True)
+class GCStats:
+    """What the last GC step did, on this rank (globally reduced where noted)."""
+
+    step: int = 0
+    centralized: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    """``{name: reason}`` for parameters GC leaves alone."""
+    max_abs_mean_before: float = 0.0
+    """Largest |channel mean| GC removed (this rank's channels; global with full_stats)."""
+    max_abs_mean_after: float | None = None
+    """Largest |channel mean| left after GC (must be ~0); with ``full_stats`` only."""
+    grad_norm_before: float | None = None
+    """L2 norm of the centralized targets' gradients before GC (global); ``full_stats`` only."""
+    grad_norm_after: float | None = None
+    bytes_communicated: int = 0
+    """Payload bytes this rank all-reduced for GC in the step (statistics excluded)."""
+    collectives: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """Scalar statistics, ready for a tracker (``accelerator.log`` and friends)."""
+        d = asdict(self)
+        d["centralized"], d["skipped"] = len(self.centralized), len(self.skipped)
+        return {k: v for k, v in d.items() if v is not None}
+
+
+class _Bucket:
+    """The slots of ``sums`` completed by one all-reduce over one group."""
+
+    __slots__ = ("group", "slices", "size", "index")
+
+    def __init__(self, group: Any) -> None:
+        self.group, self.slices, self.size, self.index = group, [], 0, None
+
+
+class GCEngine:
+    """Runs GC over a fixed set of :class:`TensorPlan` s.
+
+    ``sources[i]()`` returns the current local gradient that regions with
+    ``source == i`` view (or ``None`` when it has none this step: it then contributes
+    zero partial sums and is not modified, but the collectives still run)."""
+
+    def __init__(self, plans: Sequence[TensorPlan], sources: Sequence[Source], *, temp_limit_bytes: int | None = None, full_stats: bool = False) -> None:
+        self.plans = list(plans)
+        self.sources = list(sources)
+        self.full_stats = full_stats
+        self.temp_limit_bytes = temp_limit_bytes or DEFAULT_TEMP_BYTES
+        self.offsets: list[int] = []
+        counts: list[float] = []
+        buckets: dict[Any, _Bucket] = {}
+        total = 0
+        for plan in self.plans:
+            self.offsets.append(total)
+            counts += [float(plan.geometry.count)] * plan.num_sums
+            for red in plan.reductions:
+                bucket = buckets.setdefault(red.group, _Bucket(red.group))
+                bucket.slices.append((total + red.lo, total + red.hi))
+                bucket.size += red.hi - red.lo
+            total += plan.num_sums
+        self.num_sums = total
+        self.buckets = list(buckets.values())
+        for b in self.buckets:
+            b.index = torch.cat([torch.arange(lo, hi) for lo, hi in b.slices]) if b.slices else torch.empty(0, dtype=torch.long)
+        self._counts = torch.tensor(counts, dtype=torch.float32)
+        # Statistics slots: one per distinct tuple of partition groups, in plan order
+        # (identical on every rank); slot 0 is "held whole by this rank".
+        self._stat_keys: list[tuple[Any, ...]] = list(dict.fromkeys([(), *(p.partition_groups for p in self.plans)]))
+        self._stat_slot = [self._stat_keys.index(p.partition_groups) for p in self.plans]
+        self._device: torch.device | None = None
+        self.steps = 0
+
+    # ------------------------------------------------------------------ checks
+    def verify_collectives(self) -> None:
+        """Check, once, that every rank of every group derived the same message size.
+
+        A disagreement would otherwise hang or corrupt silently; here it raises on
+        every rank of the group (all see the same reduced values)."""
+        for b in self.buckets:
+            t = torch.tensor([b.size, -b.size], dtype=torch.int64, device=self._comm_device(b.group))
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=b.group)
+            if t[0].item() != b.size or -t[1].item() != b.size:
+                raise RuntimeError(
+                    f"dist_gc: ranks disagree on the GC message size over a process group "
+                    f"(this rank: {b.size}, max: {t[0].item()}, min: {-t[1].item()}); the layouts differ between ranks"
+                )
+
+    @staticmethod
+    def _comm_device(group: Any) -> torch.device:
+        backend = dist.get_backend(group)
+        return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+    # ------------------------------------------------------------------ step
+    def _views(self, grads: list[torch.Tensor | None], region: Region) -> torch.Tensor | None:
+        g = grads[region.source]
+        if g is None:
+            return None
+        if region.shape is None:
+            return g
+        return g.view(-1)[region.lo : region.hi].view(region.shape)
+
+    def _accumulate(self, grads: list[torch.Tensor | None], sums: torch.Tensor) -> torch.Tensor | None:
+        """Add every region's partial channel sums into ``sums``. With ``full_stats``
+        also returns the squared norm per stats slot (see ``_stat_keys``)."""
+        sq = torch.zeros(len(self._stat_keys), dtype=torch.float64) if self.full_stats else None
+        for plan, base, slot in zip(self.plans, self.offsets, self._stat_slot):
+            for r in plan.regions:
+                x = self._views(grads, r)
+                if x is None:
+                    continue
+                add_sums_(x, sums[base + r.sum_lo : base + r.sum_hi].view(r.bshape), self.temp_limit_bytes)
+                if sq is not None:
+                    sq[slot] += float(torch.linalg.vector_norm(x, dtype=torch.float32)) ** 2
+        return sq
+
+    def _reduce(self, sums: torch.Tensor, stats: GCStats) -> None:
+        # One collective per group per step, in the same order on every rank (the
+        # order plans list their groups, which adapters derive from global facts).
+        for b in self.buckets:
+            if b.size == 0:
+                continue
+            idx = b.index.to(sums.device, non_blocking=True)
+            msg = sums.index_select(0, idx)
+            dist.all_reduce(msg, group=b.group)
+            sums.index_copy_(0, idx, msg)
+            stats.bytes_communicated += msg.numel() * msg.element_size()
+            stats.collectives += 1
+
+    @torch.no_grad()
+    def step(self, stats: GCStats | None = None) -> GCStats:
+        """Centralize every planned gradient in place; returns the step's stats."""
+        t0 = time.perf_counter()
+        stats = stats or GCStats()
+        grads = [src() for src in self.sources]
+        device = next((g.device for g in grads if g is not None), self._device or torch.device("cpu"))
+        if self._device != device:
+            self._device, self._counts = device, self._counts.to(device)
+        for g in grads:
+            if g is not None and g.is_sparse:
+                raise RuntimeError("dist_gc: sparse gradients are not supported (use a dense nn.Embedding)")
+        sums = torch.zeros(self.num_sums, dtype=torch.float32, device=device)
+        sq_before = self._accumulate(grads, sums)
+        self._reduce(sums, stats)
+        means = sums.div_(self._counts)
+        stats.max_abs_mean_before = float(means.abs().max()) if means.numel() else 0.0
+        for plan, base in zip(self.plans, self.offsets):
+            for r in plan.regions:
+                x = self._views(grads, r)
+                if x is not None:
+                    subtract_means_(x, means[base + r.sum_lo : base + r.sum_hi].view(r.bshape), self.temp_limit_bytes)
+        if self.full_stats:
+            self._measure_after(grads, sq_before, stats)
+        self.steps += 1
+        stats.step = self.steps
+        stats.seconds = time.perf_counter() - t0
+        return stats
+
+    def _measure_after(self, grads: list[torch.Tensor | None], sq_before: torch.Tensor, stats: GCStats) -> None:
+        """Re-measure the means after GC (one extra read + the same collectives) and the
+        global norms and max |mean| (two small all-reduces per partition group)."""
+        sums = torch.zeros(self.num_sums, dtype=torch.float32, device=self._device)
+        sq_after = self._accumulate(grads, sums)
+        self._reduce(sums, GCStats())
+        after = float(sums.div_(self._counts).abs().max()) if sums.numel() else 0.0
+        sq = torch.stack([sq_before, sq_after], dim=1)  # (stat slots, 2)
+        maxes = torch.tensor([stats.max_abs_mean_before, after], dtype=torch.float64)
+        # Slot 0 holds tensors this rank holds whole (counted once); every other slot
+        # holds disjoint pieces, summed over each of the slot's partition groups.
+        for i, groups in enumerate(self._stat_keys):
+            for group in groups:
+                dev = self._comm_device(group)
+                t, m = sq[i].to(dev), maxes.to(dev)
+                dist.all_reduce(t, group=group)
+                dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+                sq[i], maxes = t.cpu(), m.cpu()
+        stats.max_abs_mean_before, stats.max_abs_mean_after = float(maxes[0]), float(maxes[1])
+        stats.grad_norm_before = float(sq[:, 0].sum().sqrt())
+        stats.grad_norm_after = float(sq[:, 1].sum().sqrt())

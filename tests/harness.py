@@ -1,0 +1,97 @@
+"""Run a test body in W real processes joined by a gloo group on this machine.
+
+* The rendezvous is a FileStore in a fresh temp dir, so parallel pytest-xdist workers
+  never clash on ports; MASTER_ADDR=127.0.0.1 and a free MASTER_PORT are also exported
+  for engines that read them (DeepSpeed, accelerate).
+* A run that exceeds ``timeout`` kills every rank and FAILS the test: never a hang.
+* An exception on any rank kills the others (they may be blocked in a collective)
+  and is re-raised in the test naming the rank, with its traceback.
+* One spawn runs many cases: process start-up dominates the cost.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import tempfile
+import time
+import traceback
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+DEFAULT_TIMEOUT = float(os.environ.get("DIST_GC_TEST_TIMEOUT", "240"))
+
+
+class RankError(AssertionError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, store_dir: str, port: int, fn: Callable, args: tuple, kwargs: dict, out: Any) -> None:
+    try:
+        os.environ.update(
+            RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        )
+        torch.set_num_threads(1)
+        store = dist.FileStore(os.path.join(store_dir, "store"), world_size)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+        result = fn(rank, world_size, *args, **kwargs)
+        out.put((rank, "ok", result))
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        out.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = DEFAULT_TIMEOUT, **kwargs: Any) -> list[Any]:
+    """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` gloo ranks and
+    return the per-rank results (rank order). ``fn`` must be a module-level function."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    results: dict[int, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="dist_gc_test_") as store_dir:
+        port = free_port()
+        procs = [ctx.Process(target=_worker, args=(r, world_size, store_dir, port, fn, args, kwargs, out), daemon=True) for r in range(world_size)]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout
+        try:
+            while len(results) < world_size:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(
+                        f"distributed test {fn.__name__} (world_size={world_size}) timed out after {timeout:.0f}s; "
+                        f"ranks finished: {sorted(results)}"
+                    )
+                try:
+                    rank, status, payload = out.get(timeout=min(left, 1.0))
+                except queue.Empty:
+                    dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
+                    if dead:
+                        raise RankError(f"rank(s) {dead} of {fn.__name__} died (exit codes {[procs[r].exitcode for r in dead]})")
+                    continue
+                if status == "error":
+                    raise RankError(f"rank {rank} of {fn.__name__} (world_size={world_size}) failed:\n{payload}")
+                results[rank] = payload
+        finally:
+            for p in procs:
+                p.join(timeout=5 if len(results) == world_size else 0.1)
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                    p.join(timeout=5)
+    return [results[r] for r in range(world_size)]

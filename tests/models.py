@@ -1,0 +1,78 @@
+"""Test models whose layer shapes put row and tensor boundaries inside shards at
+W = 2, 3, 4, with output dims 0 (Linear, Conv, Embedding), 1 (ConvTranspose) and -1
+(a Hugging Face style Conv1D), and inputs offset so GC changes every >= 2-D gradient
+by far more than the fp32 tolerance."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+GLOBAL_BATCH = 12  # divisible by 1, 2, 3, 4
+
+
+class Conv1D(nn.Module):
+    """Hugging Face's GPT-2 Conv1D, re-declared so transformers is not needed:
+    weight is (in, out), so the output dim is the LAST dim."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.2)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(*x.shape[:-1], self.nf)
+
+
+class GCTestNet(nn.Module):
+    # Output dims of each >= 2-D weight, as the oracle must use them.
+    OUTPUT_DIMS = {
+        "emb.weight": 0,
+        "conv.weight": 0,
+        "deconv.weight": 1,
+        "fc1.weight": 0,
+        "proj.weight": -1,
+        "head.weight": 0,
+    }
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.conv = nn.Conv2d(3, 5, 3)            # (5, 3, 3, 3)
+        self.deconv = nn.ConvTranspose2d(5, 4, 2)  # (5, 4, 2, 2): output dim 1
+        self.fc1 = nn.Linear(4 * 5 * 5, 13)       # (13, 100)
+        self.norm = nn.LayerNorm(13)
+        self.proj = Conv1D(7, 13)                 # (13, 7): output dim -1
+        self.head = nn.Linear(7 + 6, 5)           # (5, 13)
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.conv(images))
+        h = F.relu(self.deconv(h))
+        h = self.norm(self.fc1(h.flatten(1)))
+        h = torch.tanh(self.proj(h))
+        return self.head(torch.cat([h, self.emb(tokens)], dim=1))
+
+
+def make_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> GCTestNet:
+    torch.manual_seed(seed)
+    return GCTestNet().to(dtype)
+
+
+def make_batch(seed: int = 1, dtype: torch.dtype = torch.float32, n: int = GLOBAL_BATCH):
+    g = torch.Generator().manual_seed(seed)
+    images = (torch.rand(n, 3, 6, 6, generator=g) + 0.5).to(dtype)  # offset: non-zero channel means
+    tokens = torch.randint(0, 11, (n,), generator=g)
+    labels = torch.randint(0, 5, (n,), generator=g)
+    return images, tokens, labels
+
+
+def loss_on(model: nn.Module, batch) -> torch.Tensor:
+    images, tokens, labels = batch
+    return F.cross_entropy(model(images, tokens).float(), labels)
+
+
+def local_slice(batch, rank: int, world_size: int):
+    n = batch[0].shape[0] // world_size
+    return tuple(t[rank * n : (rank + 1) * n] for t in batch)

@@ -1,0 +1,141 @@
+"""Single-process tests of the GC math and of the flat-shard layouts (no collectives)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from dist_gc import GCConfig, centralize_, geometry_of
+from dist_gc.core.centralize import add_sums_, subtract_means_
+from dist_gc.core.select import resolve_targets, detect_output_dims, clean_name
+from dist_gc.engine.layout import flat_regions, split_channels
+from tests.models import Conv1D, make_model
+from tests.oracle import oracle_centralize
+
+SHAPES_DIMS = [((7, 13), 0), ((5, 3, 3, 3), 0), ((5, 4, 2, 2), 1), ((13, 7), -1), ((3, 4, 5), 1), ((6, 1), 0), ((2, 3, 4, 5), 2)]
+
+
+@pytest.mark.parametrize("mode", ["channel", "tensor"])
+@pytest.mark.parametrize("shape,dim", SHAPES_DIMS)
+def test_centralize_matches_formula_fp32(shape, dim, mode):
+    g = torch.randn(shape) + 0.3
+    want = oracle_centralize(g, mode, dim)
+    got = centralize_(g.clone(), mode=mode, output_dim=dim)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_centralize_low_precision_computes_in_fp32(dtype):
+    g = (torch.randn(64, 257) * 3 + 5).to(dtype)
+    want = oracle_centralize(g, "channel", 0)
+    got = centralize_(g.clone(), mode="channel", output_dim=0)
+    assert got.dtype == dtype
+    # Statistics in fp32, result rounded once to `dtype`: error <= half an ulp of the
+    # result plus fp32 summation error, i.e. <= eps(dtype) * max|x| with margin.
+    eps = torch.finfo(dtype).eps
+    tol = eps * float(g.float().abs().max())
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=tol)
+
+
+def test_low_precision_temporaries_are_chunked():
+    g = (torch.randn(40, 50) + 1).to(torch.bfloat16)
+    ref = g.clone()
+    sums = torch.zeros(40, 1)
+    add_sums_(g, sums, limit_bytes=4 * 7)  # 7 elements per chunk: forces splitting rows
+    torch.testing.assert_close(sums, ref.float().sum(1, keepdim=True), rtol=1e-6, atol=1e-4)
+    subtract_means_(g, sums / 50, limit_bytes=4 * 7)
+    torch.testing.assert_close(g.double(), oracle_centralize(ref, "channel", 0).to(torch.bfloat16).double(), rtol=0, atol=0.02)
+
+
+def _brute_split(geo, ranges):
+    owners = [set() for _ in range(geo.channels)]
+    for r, (s, e) in enumerate(ranges):
+        for i in range(s, e):
+            owners[(i // geo.inner) % geo.channels].add(r)
+    return {c for c, o in enumerate(owners) if len(o) >= 2}
+
+
+def _random_ranges(numel, world, rng):
+    cuts = sorted(rng.randint(0, numel) for _ in range(world - 1))
+    b = [0, *cuts, numel]
+    return [(b[i], b[i + 1]) for i in range(world)]
+
+
+@pytest.mark.parametrize("mode", ["channel", "tensor"])
+def test_flat_layouts_against_brute_force(mode):
+    """Regions of every simulated shard sum to the true channel sums, subtracting the
+    true means from each shard reproduces the oracle, and split_channels equals a
+    per-element ownership count — for random shapes, output dims and cut points."""
+    rng = random.Random(0)
+    for trial in range(300):
+        ndim = rng.randint(2, 4)
+        shape = tuple(rng.randint(1, 5) for _ in range(ndim))
+        dim = rng.randrange(-ndim, ndim)
+        geo = geometry_of(shape, mode, dim)
+        numel = math.prod(shape)
+        world = rng.randint(1, 5)
+        ranges = _random_ranges(numel, world, rng)
+        g = torch.randn(shape, dtype=torch.float64) + 0.5
+        flat = g.reshape(-1)
+        sums = torch.zeros(geo.channels, dtype=torch.float64)
+        pieces = []
+        for s, e in ranges:
+            buf = torch.cat([torch.zeros(3, dtype=torch.float64), flat[s:e].clone()])  # piece at offset 3
+            regs = flat_regions(geo, s, e, 0, 3)
+            assert sum(r.hi - r.lo for r in regs) == e - s
+            for r in regs:
+                add_sums_(buf[r.lo : r.hi].view(r.shape), sums[r.sum_lo : r.sum_hi].view(r.bshape))
+            pieces.append((buf, regs))
+        want = oracle_centralize(g, mode, dim).reshape(-1)
+        means = sums / geo.count
+        for (s, e), (buf, regs) in zip(ranges, pieces):
+            for r in regs:
+                subtract_means_(buf[r.lo : r.hi].view(r.shape), means[r.sum_lo : r.sum_hi].view(r.bshape))
+            # statistics are fp32 by design (even for fp64 gradients): |err| ~ 1e-7
+            torch.testing.assert_close(buf[3:], want[s:e], rtol=0, atol=1e-6)
+            assert torch.all(buf[:3] == 0), "a region wrote outside its piece"
+        got = set()
+        for lo, hi in split_channels(geo, ranges):
+            got |= set(range(lo, hi))
+        assert got == _brute_split(geo, ranges), (shape, dim, ranges)
+
+
+def test_output_dim_detection():
+    dims = detect_output_dims(make_model())
+    assert dims == {"emb.weight": 0, "conv.weight": 0, "deconv.weight": 1, "fc1.weight": 0, "proj.weight": -1, "head.weight": 0}
+
+
+def test_hf_conv1d_detected_when_transformers_installed():
+    pytest.importorskip("transformers", reason="checks the real Hugging Face Conv1D class")
+    from transformers.pytorch_utils import Conv1D as HFConv1D
+
+    assert detect_output_dims(torch.nn.Sequential(HFConv1D(8, 4)))["0.weight"] == -1
+
+
+def test_clean_name_strips_wrappers():
+    assert clean_name("module._fsdp_wrapped_module.layers.0._checkpoint_wrapped_module.fc.weight") == "layers.0.fc.weight"
+    assert clean_name("_orig_mod.fc.weight") == "fc.weight"
+
+
+def test_selection_rules():
+    m = make_model()
+    named = [(n, tuple(p.shape)) for n, p in m.named_parameters()]
+    t = resolve_targets(named, GCConfig(exclude=["head.*"], output_dim={"fc1.weight": 1}), detect_output_dims(m))
+    assert t["head.weight"].geometry is None and "excluded" in t["head.weight"].reason
+    assert t["conv.bias"].geometry is None and "min_ndim" in t["conv.bias"].reason
+    assert t["fc1.weight"].output_dim == 1 and t["fc1.weight"].geometry.channels == 100
+    assert t["deconv.weight"].geometry.channels == 4
+    conv_only = resolve_targets(named, GCConfig(min_ndim=4), detect_output_dims(m))
+    assert {n for n, x in conv_only.items() if x.geometry} == {"conv.weight", "deconv.weight"}
+
+
+def test_degenerate_tensor_is_skipped_with_warning_or_rejected():
+    named = [("lora_a.weight", (8, 1)), ("fc.weight", (4, 3))]
+    with pytest.warns(UserWarning, match="lora_a.weight"):
+        t = resolve_targets(named, GCConfig(), {})
+    assert t["lora_a.weight"].geometry is None and t["fc.weight"].geometry is not None
+    with pytest.raises(ValueError, match="skip_degenerate"):
+        resolve_targets(named, GCConfig(skip_degenerate=False), {})
