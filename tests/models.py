@@ -76,3 +76,74 @@ def loss_on(model: nn.Module, batch) -> torch.Tensor:
 def local_slice(batch, rank: int, world_size: int):
     n = batch[0].shape[0] // world_size
     return tuple(t[rank * n : (rank + 1) * n] for t in batch)
+
+
+# --------------------------------------------------------------------------- FSDP / TP
+class TiedNet(nn.Module):
+    """Embedding tied to the output projection (one tensor under two names, as in
+    language models): FSDP1 stores it once, under its first name ``emb.weight``."""
+
+    OUTPUT_DIMS = {"emb.weight": 0, "mid.weight": 0, "back.weight": 0}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.mid = nn.Linear(6, 7)
+        self.back = nn.Linear(7, 6)
+        self.out = nn.Linear(6, 11, bias=False)
+        self.out.weight = self.emb.weight  # tied: (11, 6), output dim 0 for both uses
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.back(torch.tanh(self.mid(self.emb(tokens))))))
+
+
+def make_tied(seed: int = 0, dtype: torch.dtype = torch.float32) -> TiedNet:
+    torch.manual_seed(seed)
+    return TiedNet().to(dtype)
+
+
+def make_tied_batch(seed: int = 1, n: int = GLOBAL_BATCH):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 11, (n,), generator=g)
+    return tokens, torch.randint(0, 11, (n,), generator=g)
+
+
+def tied_loss_on(model: nn.Module, batch) -> torch.Tensor:
+    tokens, labels = batch
+    return F.cross_entropy(model(tokens).float(), labels)
+
+
+class TPNet(nn.Module):
+    """An MLP for FSDP2 + tensor parallelism: ``up`` ColwiseParallel (weight Shard(0)
+    on the TP axis), ``down`` RowwiseParallel (weight Shard(1): per-row means need the
+    TP axis), then an HF-style Conv1D (output dim -1) and a head that are only
+    FSDP-sharded. Shapes make dim-0 shards uneven on a 2-way FSDP axis."""
+
+    OUTPUT_DIMS = {"up.weight": 0, "down.weight": 0, "proj.weight": -1, "head.weight": 0}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(10, 12)   # (12, 10)
+        self.down = nn.Linear(12, 9)  # (9, 12)
+        self.proj = Conv1D(7, 9)      # (9, 7): output dim -1
+        self.head = nn.Linear(7, 5)   # (5, 7)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.down(torch.relu(self.up(x)))
+        return self.head(torch.tanh(self.proj(torch.relu(h))))
+
+
+def make_tpnet(seed: int = 0, dtype: torch.dtype = torch.float32) -> TPNet:
+    torch.manual_seed(seed)
+    return TPNet().to(dtype)
+
+
+def make_tp_batch(seed: int = 1, n: int = GLOBAL_BATCH):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 10, generator=g) + 0.5  # offset: non-zero channel means
+    return x, torch.randint(0, 5, (n,), generator=g)
+
+
+def tp_loss_on(model: nn.Module, batch) -> torch.Tensor:
+    x, labels = batch
+    return F.cross_entropy(model(x).float(), labels)

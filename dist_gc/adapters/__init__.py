@@ -21,6 +21,8 @@ __all__ = ["Binding", "ADAPTERS", "bind"]
 
 #: Adapter modules, most specific first; ``plain`` (any torch optimizer) is last.
 ADAPTERS = [
+    "dist_gc.adapters.fsdp1",
+    "dist_gc.adapters.fsdp2",
     "dist_gc.adapters.plain",
 ]
 

@@ -27,6 +27,7 @@ __all__ = [
     "TensorPlan",
     "plan_full_tensor",
     "plan_flat_shard",
+    "plan_block",
     "flat_regions",
     "split_channels",
 ]
@@ -176,5 +177,43 @@ def plan_flat_shard(
     regions = flat_regions(geo, start, end, source, offset) if end > start else []
     reductions = tuple(Reduction(group, lo, hi) for lo, hi in split_channels(geo, ranges))
     # The group partitions the buffer: for global statistics every tensor's pieces are
-    # summed over it, even one that lies wholly on another rank.
-    return TensorPlan(name, geo, geo.channels, tuple(regions), reductions, (group,))
+    # summed over it, even one that lies wholly on another rank. A single range means
+    # this rank holds the whole tensor (e.g. FSDP NO_SHARD): nothing to sum over.
+    partition = (group,) if len(ranges) > 1 else ()
+    return TensorPlan(name, geo, geo.channels, tuple(regions), reductions, partition)
+
+
+def plan_block(
+    name: str,
+    geo: Geometry,
+    *,
+    local_shape: Sequence[int],
+    output_dim: int | None,
+    shard_groups: Sequence[tuple[Any, int]],
+    source: int,
+) -> TensorPlan:
+    """A tensor of which this rank holds an N-D block (a DTensor's local shard).
+
+    ``shard_groups`` lists, for every mesh axis that shards the tensor, the axis's
+    process group and the tensor dim it shards (Replicate axes are left out: replicas
+    already hold identical, fully reduced gradients). ``output_dim`` is ``None`` in
+    ``mode="tensor"``. The whole local tensor is one region; ``sums`` is indexed by
+    LOCAL channel. Its partial sums are completed over exactly the groups that shard an
+    averaged dim — none when only the output dim is sharded (FSDP2's ``Shard(0)`` in
+    channel mode: rows are whole on one rank, zero communication).
+
+    Why local channel indexing is exact: the block is a product of per-dim index sets
+    (``Shard`` and ``_StridedShard`` both cut one dim), and the set along the output
+    dim depends only on the mesh coordinates of axes that shard the output dim. The
+    ranks of a group that shards an averaged dim differ only in that axis's
+    coordinate, so they hold the same channels in the same local order: summing
+    ``sums`` elementwise over the group adds matching channels."""
+    ndim = len(local_shape)
+    bshape = [1] * ndim
+    if output_dim is not None:
+        bshape[output_dim] = int(local_shape[output_dim])
+    num_sums = bshape[output_dim] if output_dim is not None else 1
+    region = Region(source, 0, 0, None, 0, num_sums, tuple(bshape))
+    reductions = tuple(Reduction(g, 0, num_sums) for g, d in shard_groups if d != output_dim)
+    partition = tuple(dict.fromkeys(g for g, _ in shard_groups))
+    return TensorPlan(name, geo, num_sums, (region,), reductions, partition)
