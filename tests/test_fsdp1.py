@@ -24,6 +24,7 @@ from tests import models
 from tests.fsdp_common import (
     FAR,
     FP32_TOL,
+    TENSOR_MODE_NOOP,
     assert_fails,
     assert_gc_matters,
     assert_matches,
@@ -66,7 +67,7 @@ class Case:
 
 def _model(name: str):
     if name == "net":
-        return models.make_model(), models.make_batch(), models.loss_on, models.GCTestNet.OUTPUT_DIMS
+        return models.make_offset_model(), models.make_batch(), models.loss_on, models.GCTestNet.OUTPUT_DIMS
     return models.make_tied(), models.make_tied_batch(), models.tied_loss_on, models.TiedNet.OUTPUT_DIMS
 
 
@@ -161,7 +162,21 @@ def _run_case(rank: int, world_size: int, case: Case) -> dict:
     return out
 
 
-def fsdp1_worker(rank: int, world_size: int, cases: list[Case]) -> list[dict]:
+def _refusals(rank: int, world_size: int) -> dict[str, str]:
+    """FSDP1 parameters without model= cannot be laid out: attach must say so, never
+    fall back to treating the 1-D shards as ordinary tensors."""
+    out = {}
+    for orig in (False, True):
+        fm = _wrap(Case("FULL_SHARD", orig, "channel"), models.make_offset_model(), world_size)
+        try:
+            dist_gc.attach(torch.optim.SGD(fm.parameters(), lr=1.0))
+            out[f"orig={orig}"] = ""
+        except ValueError as exc:
+            out[f"orig={orig}"] = str(exc)
+    return out
+
+
+def fsdp1_worker(rank: int, world_size: int, cases: list[Case]) -> dict:
     warnings.filterwarnings("ignore", category=FutureWarning)  # NO_SHARD deprecation, once per unit
     results = []
     for case in cases:
@@ -172,7 +187,7 @@ def fsdp1_worker(rank: int, world_size: int, cases: list[Case]) -> list[dict]:
         if rank != 0:  # gathered full tensors are identical on every rank
             r.pop("params"), r.pop("grads", None)
         results.append(to_wire(r))
-    return results
+    return {"results": results, "refusals": _refusals(rank, world_size)}
 
 
 # ----------------------------------------------------------------------------- checks
@@ -187,7 +202,10 @@ def _check(world_size: int, cases: list[Case], per_rank: list[list[dict]]) -> No
             oracle_cache[key] = oracle_params(model, fn, dims, mode, clip) if kind == "params" else oracle_grads(model, fn, dims, mode, clip)
         return oracle_cache[key]
 
-    by_id = {c.id: (c, [r[i] for r in per_rank]) for i, c in enumerate(cases)}
+    for r in per_rank:
+        for key, msg in r["refusals"].items():
+            assert "model=" in msg, f"attach without model= on FSDP1 ({key}) did not refuse clearly: {msg!r}"
+    by_id = {c.id: (c, [r["results"][i] for r in per_rank]) for i, c in enumerate(cases)}
     for case, results in by_id.values():
         r0 = results[0]
         dims = _model(case.model)[3]
@@ -249,7 +267,8 @@ def test_gc_changes_every_weight_update():
         fn = lambda m: loss_on(m, batch)  # noqa: E731
         without = oracle_grads(model, fn, dims, None)
         for mode in ("channel", "tensor"):
-            assert_gc_matters(f"{name}/{mode}", oracle_grads(model, fn, dims, mode), without, dims)
+            exempt = TENSOR_MODE_NOOP & set(dims) if mode == "tensor" else set()
+            assert_gc_matters(f"{name}/{mode}", oracle_grads(model, fn, dims, mode), without, dims, exempt)
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 4])

@@ -1,0 +1,319 @@
+"""FSDP2 (fully_shard) and DTensor tensor parallelism on CPU/gloo: exact GC against the
+single-process oracle at W = 2, 3, 4.
+
+One spawn per world size runs every case: Shard(0) (nested fully_shard), a
+``shard_placement_fn`` that shards dim 1, and at W=4 HSDP (2x2 mesh, Replicate x Shard)
+and FSDP2 + TP (2x2 mesh, ColwiseParallel / RowwiseParallel) — each in channel and
+tensor mode, with and without clipping, each with two negative controls (naive GC on the
+DTensor gradients and on their local shards) — plus bf16 mixed precision and a bf16
+model. Shard(0) in channel mode must communicate zero bytes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from dataclasses import dataclass, replace
+
+import pytest
+import torch
+
+import dist_gc
+from tests import models
+from tests.fsdp_common import (
+    FP32_TOL,
+    TENSOR_MODE_NOOP,
+    assert_fails,
+    assert_gc_matters,
+    assert_matches,
+    centralize_like_oracle,
+    from_wire,
+    naive_hook,
+    oracle_grads,
+    oracle_norm,
+    oracle_params,
+    snapshot_hook,
+    to_wire,
+)
+from tests.harness import run_distributed
+
+CLIP_FRACTION = 0.5
+ZERO_TRAFFIC_EXCLUDE = ("deconv.weight", "proj.weight")
+#: (bytes, collectives) per step for GCTestNet under Shard(0) (and HSDP, whose replicate
+#: axis never carries statistics): channel mode sends the per-channel sums of the two
+#: tensors whose output dim is not dim 0 — ConvTranspose (4 channels) and Conv1D
+#: (7 channels) — as fp32: 4 * (4 + 7) = 44 bytes; tensor mode one fp32 sum for each of
+#: the 6 weights: 24 bytes; both in ONE all-reduce.
+EXPECTED_SHARD0_TRAFFIC = {"channel": (44, 1), "tensor": (24, 1)}
+
+
+@dataclass(frozen=True)
+class Case:
+    layout: str  # shard0 | shard1 | hsdp | tp
+    mode: str
+    clip: float | None = None
+    variant: str = "gc"  # gc | naive | local | none
+    mp: str | None = None  # None | "bf16" (reduce fp32) | "bf16-reduce" | "bf16-model"
+    exclude: tuple[str, ...] = ()
+
+    @property
+    def id(self) -> str:
+        parts = [self.layout, self.mode] + ([f"clip={self.clip:.3g}"] if self.clip else []) + ([self.mp] if self.mp else [])
+        parts += [f"exclude={','.join(self.exclude)}"] if self.exclude else []
+        return "/".join(parts + [self.variant])
+
+    @property
+    def dims(self) -> dict[str, int]:
+        """Output dims of the tensors the oracle centralizes."""
+        return {n: d for n, d in _model(self.model_name)[3].items() if n not in self.exclude}
+
+    @property
+    def model_name(self) -> str:
+        return "tp" if self.layout == "tp" else "net"
+
+    @property
+    def readout(self) -> bool:
+        return self.mp is not None
+
+
+def _model(name: str, dtype: torch.dtype = torch.float32):
+    if name == "net":
+        return models.make_offset_model(dtype=dtype), models.make_batch(dtype=dtype), models.loss_on, models.GCTestNet.OUTPUT_DIMS
+    return models.make_tpnet(dtype=dtype), models.make_tp_batch(), models.tp_loss_on, models.TPNet.OUTPUT_DIMS
+
+
+def _clip_for(name: str) -> float:
+    model, batch, loss_on, _ = _model(name)
+    return CLIP_FRACTION * oracle_norm(model, lambda m: loss_on(m, batch))
+
+
+def cases_for(world_size: int) -> list[Case]:
+    layouts = ["shard0", "shard1"] + (["hsdp", "tp"] if world_size == 4 else [])
+    out: list[Case] = []
+    for layout, mode in itertools.product(layouts, ("channel", "tensor")):
+        for clip in (None, _clip_for("tp" if layout == "tp" else "net")):
+            base = Case(layout, mode, clip)
+            out += [base, replace(base, variant="naive"), replace(base, variant="local")]
+    for mode, mp in itertools.product(("channel", "tensor"), ("bf16", "bf16-reduce", "bf16-model")):
+        out += [Case("shard0", mode, mp=mp), Case("shard0", mode, mp=mp, variant="none")]
+    # The zero-communication fast path: Shard(0) in channel mode with only output-dim-0
+    # weights selected (ConvTranspose and Conv1D are cut on an averaged dim by Shard(0)).
+    # No negative control here: local GC IS exact on this layout — that is the point.
+    for layout in ("shard0", "hsdp") if world_size == 4 else ("shard0",):
+        out.append(Case(layout, "channel", exclude=ZERO_TRAFFIC_EXCLUDE))
+    return out
+
+
+# ----------------------------------------------------------------------------- workers
+_MESHES: dict = {}
+
+
+def _mesh(world_size: int, kind: str):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if kind not in _MESHES:
+        if kind == "1d":
+            _MESHES[kind] = init_device_mesh("cpu", (world_size,))
+        else:  # 2x2: HSDP (replicate, shard) or FSDP + TP (dp, tp)
+            _MESHES[kind] = init_device_mesh("cpu", (2, world_size // 2), mesh_dim_names=("outer", "inner"))
+    return _MESHES[kind]
+
+
+def _shard_dim1_where_even(world_size: int):
+    from torch.distributed.tensor import Shard
+
+    # FSDP2 requires even sharding on a non-zero dim (used e.g. for MoE experts).
+    return lambda p: Shard(1) if p.dim() >= 2 and p.shape[1] % world_size == 0 else None
+
+
+def _build(case: Case, rank: int, world_size: int):
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    dtype = torch.bfloat16 if case.mp == "bf16-model" else torch.float32
+    model, batch, loss_on, _ = _model(case.model_name, dtype)
+    kw = {}
+    if case.mp in ("bf16", "bf16-reduce"):
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32 if case.mp == "bf16" else torch.bfloat16)
+    if case.layout == "tp":
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        mesh = _mesh(world_size, "2d")
+        parallelize_module(model, mesh["inner"], {"up": ColwiseParallel(), "down": RowwiseParallel()})
+        fully_shard(model, mesh=mesh["outer"], **kw)
+        dp_rank, dp_size = mesh.get_coordinate()[0], 2  # TP ranks see the same data
+        return model, models.local_slice(batch, dp_rank, dp_size), loss_on
+    mesh = _mesh(world_size, "2d" if case.layout == "hsdp" else "1d")
+    if case.layout == "shard1":
+        kw["shard_placement_fn"] = _shard_dim1_where_even(world_size)
+    for sub in (model.conv, model.fc1):  # nested: bottom-up groups, then the root
+        fully_shard(sub, mesh=mesh, **kw)
+    fully_shard(model, mesh=mesh, **kw)
+    return model, models.local_slice(batch, rank, world_size), loss_on
+
+
+def _clip_(params, max_norm: float) -> float:
+    """torch.nn.utils.clip_grad_norm_ on DTensors; FSDP2 + TP puts parameters on two
+    meshes (2-D for TP'd layers, 1-D dp for the rest), which torch's helper cannot stack,
+    so the norms are made plain first (same formula: max_norm / (total + 1e-6))."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norms = [torch.linalg.vector_norm(g) for g in grads]
+    norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    with torch.no_grad():
+        for g in grads:
+            g.mul_(coef)
+    return float(total)
+
+
+def _run_case(rank: int, world_size: int, case: Case) -> dict:
+    model, batch, loss_on = _build(case, rank, world_size)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    handle = None
+    if case.variant == "gc":
+        handle = dist_gc.attach(opt, model=model, config=dist_gc.GCConfig(mode=case.mode, exclude=list(case.exclude)))
+    elif case.variant in ("naive", "local"):
+        opt.register_step_pre_hook(naive_hook(case.variant))
+    snap: dict[int, torch.Tensor] = {}
+    if case.readout:
+        opt.register_step_pre_hook(snapshot_hook(snap))
+    loss_on(model, batch).backward()
+    if case.clip:
+        if case.layout == "tp":
+            norm = _clip_(list(model.parameters()), case.clip)
+        else:
+            norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), case.clip).full_tensor())
+    else:
+        norm = None
+    opt.step()
+    out = {"norm": norm}
+    if handle is not None:
+        out.update(bytes=handle.stats.bytes_communicated, collectives=handle.stats.collectives, engine=handle.binding.engine)
+    out["params"] = {n: p.full_tensor().detach().double() for n, p in model.named_parameters()}
+    if case.readout:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.to_local().copy_(snap[id(p)].to_local())
+        out["grads"] = {n: p.full_tensor().detach().double() for n, p in model.named_parameters()}
+        out["grad_dtype"] = str(next(iter(snap.values())).dtype)
+    return out
+
+
+def _refusals(rank: int, world_size: int) -> dict[str, str]:
+    """Layouts dist_gc cannot handle raise, naming the parameter and the placement."""
+    from torch.distributed.tensor import DTensor, Partial
+
+    mesh = _mesh(world_size, "1d")
+    p = torch.nn.Parameter(DTensor.from_local(torch.ones(3, 4), mesh, [Partial()]))
+    try:
+        dist_gc.attach(torch.optim.SGD([p], lr=1.0), config=dist_gc.GCConfig())
+    except ValueError as exc:
+        return {"partial": str(exc)}
+    return {"partial": ""}
+
+
+def fsdp2_worker(rank: int, world_size: int, cases: list[Case]) -> dict:
+    warnings.filterwarnings("ignore", category=UserWarning)  # FSDP2 view-output / DTensor notes
+    results = []
+    for case in cases:
+        try:
+            r = _run_case(rank, world_size, case)
+        except Exception as exc:
+            raise RuntimeError(f"case {case.id} failed on rank {rank}") from exc
+        if rank != 0:
+            r.pop("params"), r.pop("grads", None)
+        results.append(to_wire(r))
+    return {"results": results, "refusals": _refusals(rank, world_size)}
+
+
+# ----------------------------------------------------------------------------- checks
+def _check(cases: list[Case], per_rank: list[dict]) -> None:
+    cache: dict = {}
+
+    def oracle(case: Case, kind: str, gc: bool = True):
+        key = (case.model_name, case.mode if gc else None, case.clip, case.exclude, kind)
+        if key not in cache:
+            model, batch, loss_on, _ = _model(case.model_name)
+            fn = lambda m: loss_on(m, batch)  # noqa: E731
+            mode = case.mode if gc else None
+            cache[key] = oracle_params(model, fn, case.dims, mode, case.clip) if kind == "params" else oracle_grads(model, fn, case.dims, mode, case.clip)
+        return cache[key]
+
+    by_id = {c.id: (c, [r["results"][i] for r in per_rank]) for i, c in enumerate(cases)}
+    for case, results in by_id.values():
+        r0 = results[0]
+        if case.clip:
+            assert r0["norm"] > case.clip, f"{case.id}: clipping was not active"
+        if case.variant == "gc" and not case.readout:
+            assert_matches(case.id, r0["params"], oracle(case, "params"), **FP32_TOL)
+        elif case.variant in ("naive", "local"):
+            assert_fails(case.id, r0["params"], oracle(case, "params"))
+        if case.variant == "gc":
+            _check_traffic(case, results)
+        if case.readout and case.variant == "gc":
+            none = by_id[replace(case, variant="none").id][1][0]
+            _check_mixed_precision(case, r0, none, oracle(case, "grads", gc=False))
+    for r in per_rank:
+        msg = r["refusals"]["partial"]
+        assert "'0'" in msg or "param_groups[0][0]" in msg, f"Partial placement was not refused naming the parameter: {msg!r}"
+        assert "Partial" in msg, f"refusal does not name the placement: {msg!r}"
+
+
+def _check_traffic(case: Case, results: list[dict]) -> None:
+    got = [(r["bytes"], r["collectives"]) for r in results]
+    if case.exclude:
+        assert set(got) == {(0, 0)}, f"{case.id}: Shard(0) channel GC must not communicate, got (bytes, collectives) {got}"
+    elif case.layout in ("shard0", "hsdp"):
+        want = EXPECTED_SHARD0_TRAFFIC[case.mode]
+        assert set(got) == {want}, f"{case.id}: expected (bytes, collectives) {want} on every rank, got {got}"
+    elif case.layout == "shard1":
+        # Sizes depend on which dims W divides; every rank of the one group agrees.
+        assert len(set(got)) == 1 and got[0][1] == 1, f"{case.id}: expected equal traffic in ONE all-reduce, got {got}"
+    else:
+        # FSDP + TP: one all-reduce over the TP axis (RowwiseParallel cuts dim 1) and one
+        # over the FSDP axis (Conv1D's averaged dim 0, and all axes in tensor mode).
+        assert {c for _, c in got} == {2}, f"{case.id}: expected one all-reduce per mesh axis, got {got}"
+
+
+def _check_mixed_precision(case: Case, gc: dict, none: dict, fp32_grads: dict) -> None:
+    """As in the FSDP1 tests: GC must equal the oracle formula applied to the engine's
+    own gradient from the identical run without GC, and that gradient must be the fp32
+    oracle's up to bf16 compute error."""
+    want = centralize_like_oracle(none["grads"], case.dims, case.mode)
+    if gc["grad_dtype"] == "torch.float32":
+        # FSDP2 reduces and keeps the gradient in the sharded parameter's dtype (fp32):
+        # fp32 statistics and result -> the fp32 bar.
+        tols = {n: FP32_TOL["atol"] for n in want}
+    else:
+        # bf16 model: means in fp32, result rounded once to bf16 (unit roundoff
+        # u = eps/2): |err| <= u * |G - mean| <= eps_bf16 * max|G| with 2x margin.
+        eps = torch.finfo(torch.bfloat16).eps
+        tols = {n: eps * float(none["grads"][n].abs().max()) for n in want}
+    for n in want:
+        torch.testing.assert_close(gc["grads"][n], want[n], rtol=0, atol=tols[n], msg=lambda m, n=n: f"{case.id}: {n}: {m}")
+    miss = max(float((none["grads"][n] - want[n]).abs().max()) / tols[n] for n in want)
+    assert miss > 10, f"{case.id}: no GC is within {miss:.1f}x the tolerance; the test cannot fail"
+    # bf16 compute through 6 layers forward and backward (and, for the bf16 model, bf16
+    # parameters and SGD state): ~12 roundings of unit roundoff u = 2**-8 -> bound the
+    # gradient error by 16 u * max|G| per tensor.
+    u = torch.finfo(torch.bfloat16).eps / 2
+    for n, g in fp32_grads.items():
+        tol = 16 * u * float(g.abs().max()) + 1e-6
+        torch.testing.assert_close(none["grads"][n], g, rtol=0, atol=tol, msg=lambda m, n=n: f"{case.id} (no GC vs fp32 oracle): {n}: {m}")
+
+
+# ----------------------------------------------------------------------------- tests
+def test_gc_changes_every_weight_update():
+    model, batch, loss_on, dims = _model("tp")
+    fn = lambda m: loss_on(m, batch)  # noqa: E731
+    without = oracle_grads(model, fn, dims, None)
+    for mode in ("channel", "tensor"):
+        exempt = TENSOR_MODE_NOOP & set(dims) if mode == "tensor" else set()
+        assert_gc_matters(f"tp/{mode}", oracle_grads(model, fn, dims, mode), without, dims, exempt)
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_fsdp2_matches_oracle(world_size):
+    cases = cases_for(world_size)
+    per_rank = from_wire(run_distributed(fsdp2_worker, world_size, cases))
+    _check(cases, per_rank)
