@@ -133,11 +133,11 @@ def _run_case(rank: int, world_size: int, case: Case) -> dict:
     fm = _wrap(case, model, world_size)
     opt = torch.optim.SGD(fm.parameters(), lr=1.0)
     config = dist_gc.GCConfig(mode=case.mode)
-    handle = None
+    handle, hook_states = None, {}
     if case.variant == "gc":
         handle = dist_gc.attach(opt, model=fm, config=config)
     elif case.variant == "hook":
-        dist_gc.hooks.register_fsdp_gc_hook(fm, config)
+        hook_states = dist_gc.hooks.register_fsdp_gc_hook(fm, config)
     elif case.variant in ("naive", "forced"):
         opt.register_step_pre_hook(naive_hook(case.variant))
     snap: dict[int, torch.Tensor] = {}
@@ -149,6 +149,11 @@ def _run_case(rank: int, world_size: int, case: Case) -> dict:
     out = {"norm": norm, "engine": handle.binding.engine if handle else None}
     if handle is not None:
         out["bytes"], out["collectives"] = handle.stats.bytes_communicated, handle.stats.collectives
+    if hook_states:
+        engines = [s.engine for s in hook_states.values() if s.engine is not None]
+        out["hook_calls"] = sum(e.steps for e in engines)
+        out["bytes"] = sum(s.stats.bytes_communicated for s in hook_states.values())
+        out["collectives"] = sum(s.stats.collectives for s in hook_states.values())
     out["params"] = _full(fm)
     if case.readout:
         # Read the gradients the update used out exactly: write them into the (same
@@ -222,6 +227,9 @@ def _check(world_size: int, cases: list[Case], per_rank: list[list[dict]]) -> No
             else:
                 assert len(sizes) == 1 and sizes.pop() > 0, f"{case.id}: shards straddle channels, expected equal non-zero traffic, got {sizes}"
                 assert {r["collectives"] for r in results} == {1}, f"{case.id}: expected ONE all-reduce per step"
+        if case.variant == "hook":
+            assert all(r["hook_calls"] > 0 for r in results), f"{case.id}: the GC comm hook never ran"
+            assert {(r["bytes"], r["collectives"]) for r in results} == {(0, 0)}, f"{case.id}: the pre-reduce hook must not communicate"
         if case.readout and case.variant == "gc":
             _check_mixed_precision(case, r0, by_id[replace(case, variant="none").id][1][0], dims, oracle(case.model, None, None, "grads"))
 
