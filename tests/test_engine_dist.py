@@ -21,7 +21,7 @@ from tests.oracle import oracle_centralize
 SHAPES = {name: None for name in GCTestNet.OUTPUT_DIMS}
 TENSORS = [
     ("emb.weight", (11, 6), 0), ("conv.weight", (5, 3, 3, 3), 0), ("deconv.weight", (5, 4, 2, 2), 1),
-    ("fc1.weight", (13, 100), 0), ("proj.weight", (13, 7), -1), ("head.weight", (5, 13), 0), ("tiny", (1, 3), 0),
+    ("fc1.weight", (13, 100), 0), ("proj.weight", (13, 7), -1), ("head.weight", (5, 13), 0), ("tiny", (1, 5), 0),
 ]
 CASES = [(layout, mode, dtype) for layout in ("concat", "per_tensor") for mode in ("channel", "tensor") for dtype in ("float32", "bfloat16")]
 
