@@ -76,6 +76,12 @@ def _chunks(x: torch.Tensor, other: torch.Tensor, limit: int) -> Iterator[tuple[
         yield from _chunks(x.narrow(d, start, n), o, limit)
 
 
+def _chunk_elems(limit_bytes: int) -> int:
+    # Half the budget goes to the fp32 copy of a chunk; the rest is slack for the
+    # statistics and the allocator, so the measured peak stays under the budget.
+    return max(1, limit_bytes // 8)
+
+
 def add_sums_(x: torch.Tensor, sums: torch.Tensor, limit_bytes: int = DEFAULT_TEMP_BYTES) -> None:
     """``sums += x`` reduced (in fp32) over every dim where ``sums`` has size 1.
 
@@ -84,7 +90,7 @@ def add_sums_(x: torch.Tensor, sums: torch.Tensor, limit_bytes: int = DEFAULT_TE
     if x.dtype in _WIDE:
         sums.add_(x.sum(dims, keepdim=True, dtype=torch.float32) if dims else x.float())
         return
-    for xc, sc in _chunks(x, sums, max(1, limit_bytes // 4)):
+    for xc, sc in _chunks(x, sums, _chunk_elems(limit_bytes)):
         sc.add_(xc.float().sum(dims, keepdim=True) if dims else xc.float())
 
 
@@ -93,7 +99,7 @@ def subtract_means_(x: torch.Tensor, means: torch.Tensor, limit_bytes: int = DEF
     if x.dtype in _WIDE:
         x.sub_(means.to(x.dtype))
         return
-    for xc, mc in _chunks(x, means, max(1, limit_bytes // 4)):
+    for xc, mc in _chunks(x, means, _chunk_elems(limit_bytes)):
         xc.copy_(xc.float().sub_(mc))
 
 
