@@ -19,9 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from ..core.centralize import DEFAULT_TEMP_BYTES, add_sums_, subtract_means_
-
-_WIDE = (torch.float32, torch.float64)
+from ..core.centralize import DEFAULT_TEMP_BYTES, add_sums_, is_small, subtract_means_
 from .layout import Region, TensorPlan
 
 __all__ = ["GCEngine", "GCStats"]
@@ -165,7 +163,7 @@ class GCEngine:
             x = self._views(grads, r)
             if x is None:
                 continue
-            if exclusive and x.dtype in _WIDE:
+            if exclusive and is_small(x, self.temp_limit_bytes):
                 torch.sum(x, dims, keepdim=True, dtype=torch.float32, out=view)
             else:
                 add_sums_(x, view, self.temp_limit_bytes)
@@ -206,10 +204,7 @@ class GCEngine:
             x = self._views(grads, r)
             if x is None:
                 continue
-            if x.dtype in _WIDE:
-                x.sub_(m)
-            else:
-                subtract_means_(x, m, self.temp_limit_bytes)
+            subtract_means_(x, m, self.temp_limit_bytes)
         if self.full_stats:
             self._measure_after(grads, sq_before, stats)
         self.steps += 1
