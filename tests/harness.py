@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import queue
 import socket
@@ -46,7 +47,11 @@ def _worker(rank: int, world_size: int, store_dir: str, port: int, fn: Callable,
         store = dist.FileStore(os.path.join(store_dir, "store"), world_size)
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args, **kwargs)
-        out.put((rank, "ok", result))
+        # Serialize by value: a tensor sent through the queue by shared memory would
+        # be unreachable once this process exits before the parent reads it.
+        buf = io.BytesIO()
+        torch.save(result, buf)
+        out.put((rank, "ok", buf.getvalue()))
     except BaseException:  # noqa: BLE001 - reported to the parent
         out.put((rank, "error", traceback.format_exc()))
     finally:
@@ -86,7 +91,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
                     continue
                 if status == "error":
                     raise RankError(f"rank {rank} of {fn.__name__} (world_size={world_size}) failed:\n{payload}")
-                results[rank] = payload
+                results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
         finally:
             for p in procs:
                 p.join(timeout=5 if len(results) == world_size else 0.1)

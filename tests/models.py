@@ -43,7 +43,9 @@ class GCTestNet(nn.Module):
         self.conv = nn.Conv2d(3, 5, 3)            # (5, 3, 3, 3)
         self.deconv = nn.ConvTranspose2d(5, 4, 2)  # (5, 4, 2, 2): output dim 1
         self.fc1 = nn.Linear(4 * 5 * 5, 13)       # (13, 100)
-        self.norm = nn.LayerNorm(13)
+        # RMSNorm, not LayerNorm: LayerNorm's output (and input gradient) has zero mean
+        # over features, which would make GC a no-op on its neighbours.
+        self.norm = nn.RMSNorm(13)
         self.proj = Conv1D(7, 13)                 # (13, 7): output dim -1
         self.head = nn.Linear(7 + 6, 5)           # (5, 13)
 
@@ -81,9 +83,15 @@ def make_batch(seed: int = 1, dtype: torch.dtype = torch.float32, n: int = GLOBA
     return images, tokens, labels
 
 
+LOSS_SCALE = 8.0  # makes GC change every >= 2-D update by >= 100x the fp32 tolerance
+
+
 def loss_on(model: nn.Module, batch) -> torch.Tensor:
+    # MSE to one-hot targets, not cross-entropy: softmax gradients sum to zero over
+    # classes, which would make tensor-mode GC a no-op on the head.
     images, tokens, labels = batch
-    return F.cross_entropy(model(images, tokens).float(), labels)
+    logits = model(images, tokens).float()
+    return F.mse_loss(logits, F.one_hot(labels, logits.shape[1]).float()) * LOSS_SCALE
 
 
 def local_slice(batch, rank: int, world_size: int):

@@ -34,19 +34,28 @@ def oracle_step(
     output_dims: dict[str, int | None],
     mode: str,
     clip: float | None = None,
+    gc_before_clip: bool = False,
 ) -> dict[str, torch.Tensor]:
     """One SGD(lr=1) step on a copy of ``model``: grads of ``loss_fn`` on the global
-    batch, optional norm clipping (before GC, as the engines do), GC on the parameters
+    batch, optional norm clipping (before GC, as the optimizer-hook strategy runs; with
+    ``gc_before_clip`` after it, as the comm-hook strategy runs), GC on the parameters
     named in ``output_dims`` (``None``: skipped). Returns the new parameters (fp64)."""
     m = copy.deepcopy(model)
     m.zero_grad(set_to_none=True)
     loss_fn(m).backward()
+    grads = {n: (p.grad.double() if p.grad is not None else torch.zeros_like(p, dtype=torch.float64)) for n, p in m.named_parameters()}
+
+    def centralize_all() -> None:
+        for n, d in output_dims.items():
+            if d is not None and n in grads:
+                grads[n] = oracle_centralize(grads[n], mode, d)
+
+    if gc_before_clip:
+        centralize_all()
     if clip is not None:
-        torch.nn.utils.clip_grad_norm_(m.parameters(), clip)
-    out = {}
-    for name, p in m.named_parameters():
-        g = p.grad.double() if p.grad is not None else torch.zeros_like(p, dtype=torch.float64)
-        if name in output_dims and output_dims[name] is not None:
-            g = oracle_centralize(g, mode, output_dims[name])
-        out[name] = p.detach().double() - g
-    return out
+        total = torch.sqrt(sum((g * g).sum() for g in grads.values()))
+        scale = min(1.0, clip / (float(total) + 1e-6))  # torch.nn.utils.clip_grad_norm_'s rule
+        grads = {n: g * scale for n, g in grads.items()}
+    if not gc_before_clip:
+        centralize_all()
+    return {n: p.detach().double() - grads[n] for n, p in m.named_parameters()}

@@ -44,9 +44,9 @@ def test_low_precision_temporaries_are_chunked():
     g = (torch.randn(40, 50) + 1).to(torch.bfloat16)
     ref = g.clone()
     sums = torch.zeros(40, 1)
-    add_sums_(g, sums, limit_bytes=4 * 7)  # 7 elements per chunk: forces splitting rows
+    add_sums_(g, sums, limit_bytes=8 * 7)  # 7 elements per chunk: forces splitting rows
     torch.testing.assert_close(sums, ref.float().sum(1, keepdim=True), rtol=1e-6, atol=1e-4)
-    subtract_means_(g, sums / 50, limit_bytes=4 * 7)
+    subtract_means_(g, sums / 50, limit_bytes=8 * 7)
     torch.testing.assert_close(g.double(), oracle_centralize(ref, "channel", 0).to(torch.bfloat16).double(), rtol=0, atol=0.02)
 
 

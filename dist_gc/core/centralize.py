@@ -76,24 +76,38 @@ def _chunks(x: torch.Tensor, other: torch.Tensor, limit: int) -> Iterator[tuple[
         yield from _chunks(x.narrow(d, start, n), o, limit)
 
 
+def _chunk_elems(limit_bytes: int) -> int:
+    # A chunk's explicit fp32 copy takes half the budget; the rest is slack for the
+    # statistics and the allocator, so the measured peak stays under the budget.
+    return max(1, limit_bytes // 8)
+
+
+def is_small(x: torch.Tensor, limit_bytes: int = DEFAULT_TEMP_BYTES) -> bool:
+    """Whether a low-precision ``x`` may use mixed-precision kernels directly (one call,
+    fewer launches). They were measured to hold up to ~4 fp32 temporaries the size of
+    the input, so this allows at most ``limit_bytes / 64`` elements (1/4 of the budget)."""
+    return x.dtype in _WIDE or x.numel() <= limit_bytes // 64
+
+
 def add_sums_(x: torch.Tensor, sums: torch.Tensor, limit_bytes: int = DEFAULT_TEMP_BYTES) -> None:
     """``sums += x`` reduced (in fp32) over every dim where ``sums`` has size 1.
 
     ``sums`` is an fp32 view with ``x.dim()`` dims, broadcastable to ``x``."""
     dims = tuple(i for i in range(x.dim()) if sums.size(i) == 1)
-    if x.dtype in _WIDE:
+    if is_small(x, limit_bytes):
         sums.add_(x.sum(dims, keepdim=True, dtype=torch.float32) if dims else x.float())
         return
-    for xc, sc in _chunks(x, sums, max(1, limit_bytes // 4)):
+    for xc, sc in _chunks(x, sums, _chunk_elems(limit_bytes)):
         sc.add_(xc.float().sum(dims, keepdim=True) if dims else xc.float())
 
 
 def subtract_means_(x: torch.Tensor, means: torch.Tensor, limit_bytes: int = DEFAULT_TEMP_BYTES) -> None:
-    """``x -= means`` in place; computed in fp32 and written back in ``x.dtype``."""
-    if x.dtype in _WIDE:
-        x.sub_(means.to(x.dtype))
+    """``x -= means`` in place, computed in fp32 (``means`` is fp32) and rounded once
+    to ``x.dtype``."""
+    if is_small(x, limit_bytes):
+        x.sub_(means)
         return
-    for xc, mc in _chunks(x, means, max(1, limit_bytes // 4)):
+    for xc, mc in _chunks(x, means, _chunk_elems(limit_bytes)):
         xc.copy_(xc.float().sub_(mc))
 
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from ..core.centralize import DEFAULT_TEMP_BYTES, add_sums_, subtract_means_
+from ..core.centralize import DEFAULT_TEMP_BYTES, add_sums_, is_small, subtract_means_
 from .layout import Region, TensorPlan
 
 __all__ = ["GCEngine", "GCStats"]
@@ -96,8 +96,33 @@ class GCEngine:
         # (identical on every rank); slot 0 is "held whole by this rank".
         self._stat_keys: list[tuple[Any, ...]] = list(dict.fromkeys([(), *(p.partition_groups for p in self.plans)]))
         self._stat_slot = [self._stat_keys.index(p.partition_groups) for p in self.plans]
+        self._items = self._compile()
         self._device: torch.device | None = None
+        self._buffers: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}
         self.steps = 0
+
+    def _compile(self) -> list[tuple[Region, int, int, tuple[int, ...], bool, int]]:
+        """Flatten plans into per-region items: (region, sums lo, sums hi, averaged
+        dims, exclusive, stats slot). A region is *exclusive* when no other region of
+        this rank writes its sums slice; its partial sums can then be written with one
+        ``sum(out=...)`` call — per tensor, as few kernel calls as the per-tensor loop."""
+        items = []
+        for plan, base, slot in zip(self.plans, self.offsets, self._stat_slot):
+            spans = [(r.sum_lo, r.sum_hi) for r in plan.regions]
+            for r in plan.regions:
+                overlaps = sum(1 for lo, hi in spans if lo < r.sum_hi and r.sum_lo < hi)
+                dims = tuple(i for i, b in enumerate(r.bshape) if b == 1)
+                items.append((r, base + r.sum_lo, base + r.sum_hi, dims, overlaps == 1 and bool(dims), slot))
+        return items
+
+    def _buffer(self, key: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """A persistent fp32 sums buffer on the gradients' device, with one cached
+        broadcast-shaped view per region (no per-step view construction)."""
+        if key not in self._buffers:
+            buf = torch.zeros(self.num_sums, dtype=torch.float32, device=self._device)
+            views = [buf[lo:hi].view(r.bshape) for r, lo, hi, *_ in self._items]
+            self._buffers[key] = (buf, views)
+        return self._buffers[key]
 
     # ------------------------------------------------------------------ checks
     def verify_collectives(self) -> None:
@@ -128,19 +153,23 @@ class GCEngine:
             return g
         return g.view(-1)[region.lo : region.hi].view(region.shape)
 
-    def _accumulate(self, grads: list[torch.Tensor | None], sums: torch.Tensor) -> torch.Tensor | None:
-        """Add every region's partial channel sums into ``sums``. With ``full_stats``
-        also returns the squared norm per stats slot (see ``_stat_keys``)."""
+    def _accumulate(self, grads: list[torch.Tensor | None], key: str) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+        """Partial channel sums of every region into the ``key`` buffer. With
+        ``full_stats`` also the squared norm per stats slot (see ``_stat_keys``)."""
+        sums, views = self._buffer(key)
+        sums.zero_()
         sq = torch.zeros(len(self._stat_keys), dtype=torch.float64) if self.full_stats else None
-        for plan, base, slot in zip(self.plans, self.offsets, self._stat_slot):
-            for r in plan.regions:
-                x = self._views(grads, r)
-                if x is None:
-                    continue
-                add_sums_(x, sums[base + r.sum_lo : base + r.sum_hi].view(r.bshape), self.temp_limit_bytes)
-                if sq is not None:
-                    sq[slot] += float(torch.linalg.vector_norm(x, dtype=torch.float32)) ** 2
-        return sq
+        for (r, _, _, dims, exclusive, slot), view in zip(self._items, views):
+            x = self._views(grads, r)
+            if x is None:
+                continue
+            if exclusive and is_small(x, self.temp_limit_bytes):
+                torch.sum(x, dims, keepdim=True, dtype=torch.float32, out=view)
+            else:
+                add_sums_(x, view, self.temp_limit_bytes)
+            if sq is not None:
+                sq[slot] += float(torch.linalg.vector_norm(x, dtype=torch.float32)) ** 2
+        return sums, views, sq
 
     def _reduce(self, sums: torch.Tensor, stats: GCStats) -> None:
         # One collective per group per step, in the same order on every rank (the
@@ -163,20 +192,19 @@ class GCEngine:
         grads = [src() for src in self.sources]
         device = next((g.device for g in grads if g is not None), self._device or torch.device("cpu"))
         if self._device != device:
-            self._device, self._counts = device, self._counts.to(device)
+            self._device, self._counts, self._buffers = device, self._counts.to(device), {}
         for g in grads:
             if g is not None and g.is_sparse:
                 raise RuntimeError("dist_gc: sparse gradients are not supported (use a dense nn.Embedding)")
-        sums = torch.zeros(self.num_sums, dtype=torch.float32, device=device)
-        sq_before = self._accumulate(grads, sums)
+        sums, means_views, sq_before = self._accumulate(grads, "before")
         self._reduce(sums, stats)
-        means = sums.div_(self._counts)
+        means = sums.div_(self._counts)  # in place: the cached views now hold means
         stats.max_abs_mean_before = float(means.abs().max()) if means.numel() else 0.0
-        for plan, base in zip(self.plans, self.offsets):
-            for r in plan.regions:
-                x = self._views(grads, r)
-                if x is not None:
-                    subtract_means_(x, means[base + r.sum_lo : base + r.sum_hi].view(r.bshape), self.temp_limit_bytes)
+        for (r, *_), m in zip(self._items, means_views):
+            x = self._views(grads, r)
+            if x is None:
+                continue
+            subtract_means_(x, m, self.temp_limit_bytes)
         if self.full_stats:
             self._measure_after(grads, sq_before, stats)
         self.steps += 1
@@ -187,8 +215,7 @@ class GCEngine:
     def _measure_after(self, grads: list[torch.Tensor | None], sq_before: torch.Tensor, stats: GCStats) -> None:
         """Re-measure the means after GC (one extra read + the same collectives) and the
         global norms and max |mean| (two small all-reduces per partition group)."""
-        sums = torch.zeros(self.num_sums, dtype=torch.float32, device=self._device)
-        sq_after = self._accumulate(grads, sums)
+        sums, _, sq_after = self._accumulate(grads, "after")
         self._reduce(sums, GCStats())
         after = float(sums.div_(self._counts).abs().max()) if sums.numel() else 0.0
         sq = torch.stack([sq_before, sq_after], dim=1)  # (stat slots, 2)

@@ -17,8 +17,8 @@ Example::
     ddp_model.register_comm_hook(state, dist_gc.hooks.gc_wrapper(bf16_compress_hook))
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: DDP checks the hook's annotations at runtime
+# (`bucket: dist.GradBucket`).
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -49,7 +49,7 @@ class GCHookState:
     skipped: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_model(cls, ddp_model: torch.nn.Module, config: GCConfig | dict | None = None, *, process_group: Any = None, inner_state: Any = None) -> "GCHookState":
+    def from_model(cls, ddp_model: torch.nn.Module, config: "GCConfig | dict | None" = None, *, process_group: Any = None, inner_state: Any = None) -> "GCHookState":
         config = GCConfig.from_dict(config) if isinstance(config, dict) else (config or GCConfig())
         named = [(clean_name(n), p) for n, p in ddp_model.named_parameters()]
         targets = resolve_targets([(n, tuple(p.shape)) for n, p in named], config, detect_output_dims(ddp_model))
