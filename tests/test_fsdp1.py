@@ -24,13 +24,10 @@ from tests import models
 from tests.fsdp_common import (
     FAR,
     FP32_TOL,
-    TENSOR_MODE_NOOP,
     assert_fails,
     assert_gc_matters,
     assert_matches,
     centralize_like_oracle,
-    from_wire,
-    to_wire,
     naive_hook,
     oracle_grads,
     oracle_norm,
@@ -67,7 +64,7 @@ class Case:
 
 def _model(name: str):
     if name == "net":
-        return models.make_offset_model(), models.make_batch(), models.loss_on, models.GCTestNet.OUTPUT_DIMS
+        return models.make_model(), models.make_batch(), models.loss_on, models.GCTestNet.OUTPUT_DIMS
     return models.make_tied(), models.make_tied_batch(), models.tied_loss_on, models.TiedNet.OUTPUT_DIMS
 
 
@@ -86,9 +83,11 @@ def cases_for(world_size: int) -> list[Case]:
     for orig, mode in itertools.product((False, True), ("channel", "tensor")):
         tied = Case("FULL_SHARD", orig, mode, model="tied", clip=_clip_for("tied"))
         out += [tied, replace(tied, variant="naive")]
-        # Comm hook: GC before the reduce-scatter; equal to the oracle without clipping.
+        # Comm hook: GC before the reduce-scatter; equal to the oracle without clipping,
+        # and with clipping equal to the documented order (GC, then clip).
         for strategy in ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD"):
             out.append(Case(strategy, orig, mode, nested=True, variant="hook"))
+        out.append(Case("FULL_SHARD", orig, mode, nested=True, variant="hook", clip=clip))
         # Mixed precision: bf16 compute; fp32 or bf16 reduction; bf16 gradients kept.
         for mp in ("bf16", "bf16-reduce", "bf16-lowgrads"):
             out += [Case("FULL_SHARD", orig, mode, nested=True, mp=mp, variant=v) for v in ("gc", "none")]
@@ -172,7 +171,7 @@ def _refusals(rank: int, world_size: int) -> dict[str, str]:
     fall back to treating the 1-D shards as ordinary tensors."""
     out = {}
     for orig in (False, True):
-        fm = _wrap(Case("FULL_SHARD", orig, "channel"), models.make_offset_model(), world_size)
+        fm = _wrap(Case("FULL_SHARD", orig, "channel"), models.make_model(), world_size)
         try:
             dist_gc.attach(torch.optim.SGD(fm.parameters(), lr=1.0))
             out[f"orig={orig}"] = ""
@@ -191,7 +190,7 @@ def fsdp1_worker(rank: int, world_size: int, cases: list[Case]) -> dict:
             raise RuntimeError(f"case {case.id} failed on rank {rank}") from exc
         if rank != 0:  # gathered full tensors are identical on every rank
             r.pop("params"), r.pop("grads", None)
-        results.append(to_wire(r))
+        results.append(r)
     return {"results": results, "refusals": _refusals(rank, world_size)}
 
 
@@ -199,12 +198,15 @@ def fsdp1_worker(rank: int, world_size: int, cases: list[Case]) -> dict:
 def _check(world_size: int, cases: list[Case], per_rank: list[list[dict]]) -> None:
     oracle_cache: dict = {}
 
-    def oracle(model_name: str, mode: str | None, clip: float | None, kind: str):
-        key = (model_name, mode, clip, kind)
+    def oracle(model_name: str, mode: str | None, clip: float | None, kind: str, gc_before_clip: bool = False):
+        key = (model_name, mode, clip, kind, gc_before_clip)
         if key not in oracle_cache:
             model, batch, loss_on, dims = _model(model_name)
             fn = lambda m: loss_on(m, batch)  # noqa: E731
-            oracle_cache[key] = oracle_params(model, fn, dims, mode, clip) if kind == "params" else oracle_grads(model, fn, dims, mode, clip)
+            if kind == "params":
+                oracle_cache[key] = oracle_params(model, fn, dims, mode, clip, gc_before_clip)
+            else:
+                oracle_cache[key] = oracle_grads(model, fn, dims, mode, clip)
         return oracle_cache[key]
 
     for r in per_rank:
@@ -216,8 +218,13 @@ def _check(world_size: int, cases: list[Case], per_rank: list[list[dict]]) -> No
         dims = _model(case.model)[3]
         if case.clip:
             assert r0["norm"] > case.clip, f"{case.id}: clipping was not active (norm {r0['norm']} <= {case.clip})"
-        if case.variant in ("gc", "hook") and not case.readout:
+        if case.variant == "gc" and not case.readout:
             assert_matches(case.id, r0["params"], oracle(case.model, case.mode, case.clip, "params"), **FP32_TOL)
+        elif case.variant == "hook":
+            # The hook centralizes before the reduction, hence before clipping.
+            assert_matches(case.id, r0["params"], oracle(case.model, case.mode, case.clip, "params", gc_before_clip=True), **FP32_TOL)
+            if case.clip:  # ... which is a different order: show it differs from clip-then-GC
+                assert_fails(case.id + " vs clip-then-GC", r0["params"], oracle(case.model, case.mode, case.clip, "params"))
         elif case.variant in ("naive", "forced"):
             assert_fails(case.id, r0["params"], oracle(case.model, case.mode, case.clip, "params"))
         if case.variant == "gc":
@@ -275,12 +282,11 @@ def test_gc_changes_every_weight_update():
         fn = lambda m: loss_on(m, batch)  # noqa: E731
         without = oracle_grads(model, fn, dims, None)
         for mode in ("channel", "tensor"):
-            exempt = TENSOR_MODE_NOOP & set(dims) if mode == "tensor" else set()
-            assert_gc_matters(f"{name}/{mode}", oracle_grads(model, fn, dims, mode), without, dims, exempt)
+            assert_gc_matters(f"{name}/{mode}", oracle_grads(model, fn, dims, mode), without, dims)
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_fsdp1_matches_oracle(world_size):
     cases = cases_for(world_size)
-    per_rank = from_wire(run_distributed(fsdp1_worker, world_size, cases))
+    per_rank = (run_distributed(fsdp1_worker, world_size, cases))
     _check(world_size, cases, per_rank)
