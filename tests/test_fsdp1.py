@@ -22,7 +22,6 @@ import dist_gc.hooks
 from dist_gc.core.select import clean_name
 from tests import models
 from tests.fsdp_common import (
-    FAR,
     FP32_TOL,
     assert_fails,
     assert_gc_matters,
