@@ -9,6 +9,7 @@ over the whole tensor (``mode="tensor"``), immediately before the optimizer upda
     gc = dist_gc.attach(optimizer, model=model)      # GCConfig() defaults
 """
 
+from . import hooks
 from .attach import GCHandle, attach
 from .core.centralize import Geometry, centralize_, geometry_of
 from .core.config import DEEPSPEED_CONFIG_KEY, GCConfig
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "attach",
+    "hooks",
     "GCHandle",
     "GCConfig",
     "GCStats",
