@@ -523,7 +523,17 @@ def _refuse_wrapped(target: Any, model: Any) -> None:
     if isinstance(model, DeepSpeedEngine):
         raise ValueError(f"dist_gc.attach: model= is a DeepSpeedEngine; {hint}")
     if isinstance(target, torch.optim.Optimizer):
-        for group in target.param_groups:
-            for p in group["params"]:
-                if hasattr(p, "ds_id") or hasattr(p, "ds_numel"):
-                    raise ValueError(f"dist_gc.attach: this optimizer holds DeepSpeed ZeRO partitions; {hint}")
+        params = [p for group in target.param_groups for p in group["params"]]
+        if any(hasattr(p, "ds_id") or hasattr(p, "ds_numel") for p in params):
+            raise ValueError(f"dist_gc.attach: this optimizer holds DeepSpeed ZeRO-3 partitions; {hint}")
+        if not params:
+            # ZeRO-3 empties its inner optimizer's param groups between steps.
+            raise ValueError(f"dist_gc.attach: this optimizer has no parameters (DeepSpeed ZeRO-3's inner optimizer looks "
+                             f"like this between steps); {hint}")
+        if all(type(p) is torch.Tensor and p.dim() == 1 for p in params):
+            # ZeRO-1/2, BF16_Optimizer and FP16_Optimizer hand their optimizer flat 1-D
+            # fp32 tensors (not nn.Parameter): each holds pieces of many parameters.
+            raise ValueError(
+                "dist_gc.attach: this optimizer holds only flat 1-D tensors that are not nn.Parameters, as DeepSpeed's "
+                f"ZeRO-1/2 / bf16 / fp16 master partitions are; {hint} (wrap genuine 1-D tensors in nn.Parameter)"
+            )
