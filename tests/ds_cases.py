@@ -503,6 +503,25 @@ def run_config_checks(rank: int, world: int, config_dir: str, with_cpu_adam: boo
     res["attach_inner_z3"] = _expect_error(lambda: dist_gc.attach(z3.optimizer.optimizer))
     z3.destroy()
 
+    # A layout that disagrees with DeepSpeed's actual buffers is caught at attach time,
+    # on every rank: corrupt the metadata dist_gc reads (then restore it).
+    engine = build_engine({"id": "rr", "stage": 2, "zero": {"round_robin_gradients": True}}, world, None)
+    offsets = engine.optimizer.round_robin_bit16_offsets[0]
+    saved = list(offsets)
+    offsets[1], offsets[2] = offsets[2], offsets[1]
+    res["corrupt_zero2"] = _expect_error(lambda: dist_gc.attach(engine))
+    offsets[:] = saved
+    handle = dist_gc.attach(engine)  # the true layout verifies
+    handle.remove()
+    engine.destroy()
+    engine = build_engine({"id": "z3", "stage": 3, "zero": {"sub_group_size": 300}}, world, None)
+    group = engine.optimizer.fp16_groups[0]
+    group[0], group[1] = group[1], group[0]
+    res["corrupt_zero3"] = _expect_error(lambda: dist_gc.attach(engine))
+    group[0], group[1] = group[1], group[0]
+    dist_gc.attach(engine).remove()
+    engine.destroy()
+
     # Unsupported: ZeRO++ hierarchical partitioning (hpZ), self-communicating optimizer.
     res["hpz"] = _expect_error(lambda: init_with({"enabled": True}, {"id": "hpz", "stage": 3, "zero": {"zero_hpz_partition_size": world}}))
     dist.barrier()

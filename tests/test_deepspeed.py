@@ -163,6 +163,9 @@ def _check(results: list[dict], cases: list[dict], world: int) -> None:
         for mode in case.get("modes", ("channel", "tensor")):
             facts = res["facts"][mode]
             assert facts["gc_steps"] == 1 and facts["skipped_steps"] == 0, f"{where} {mode}: GC ran {facts}"
+            if "sub_group_size" in case.get("zero", {}) or (case.get("groups") and case["stage"] in (1, 2) and "extra" not in case):
+                # DeepSpeed stepped its optimizer once per group / sub-group: GC too.
+                assert facts["phases"] >= 2, f"{where} expected several optimizer phases: {facts}"
             if case.get("oracle", True):
                 err = res["err"][mode]
                 worst = max(err, key=err.get)
@@ -289,6 +292,8 @@ def test_config_flag_entry_points_and_refusals(ops):
         for key in ("attach_wrapper", "attach_inner_partitions", "attach_model_engine", "attach_inner_z3"):
             assert res[key].startswith("ValueError") and "DeepSpeedEngine" in res[key], f"{where} {key}: {res[key]}"
         assert res["swapped_optimizer"].startswith("RuntimeError") and "replaced" in res["swapped_optimizer"], res["swapped_optimizer"]
+        for key in ("corrupt_zero2", "corrupt_zero3"):
+            assert res[key].startswith("RuntimeError") and "does not match" in res[key], f"{where} {key}: {res[key]}"
         assert res["hpz"].startswith("ValueError") and "hierarchical partitioning" in res["hpz"], res["hpz"]
 
 

@@ -279,7 +279,7 @@ def _zero3_layout(opt: Any, names: dict[int, str]) -> _Layout:
             ranges = [(min(r * pn, numel), min((r + 1) * pn, numel)) for r in range(world)]
             layout.shapes[name] = tuple(p.ds_shape)
             layout.shards[name] = (ranges, rank, pg, sg, local)
-            layout.phase_of_name[name] = sg
+            layout.phase_of_name[name], layout.params[name] = sg, p
             s, e = ranges[rank]
             if e > s:
                 layout.pieces.append(_Piece(name, p, sg, s, e, local))
@@ -309,7 +309,7 @@ def _fused_fp16_layout(opt: Any, names: dict[int, str]) -> _Layout:
 
 
 # --------------------------------------------------------------------------- verification
-def _verify_pieces(pieces: list[_Piece], sources: list[Callable[[], torch.Tensor]], full_value: Callable[[_Piece], torch.Tensor], group: Any) -> list[str]:
+def _verify_pieces(pieces: list[_Piece], sources: list[Callable[[], torch.Tensor]], full_value: Callable[[_Piece], torch.Tensor]) -> list[str]:
     """Compare every planned piece of the fp32 master buffers with the parameter it
     came from (DeepSpeed copies 16-bit params from the fp32 masters after every step,
     and built the masters from the params: ``fp32.to(param.dtype) == param`` exactly)."""
@@ -333,6 +333,23 @@ def _verify_storage(layout: _Layout, flats: list[torch.Tensor] | None) -> list[s
         got = (p.data.data_ptr() - flat.data_ptr()) // flat.element_size()
         if got != off:
             errors.append(f"{name} lives at element {got} of flat group {i}, layout says {off}")
+    return errors
+
+
+def _verify_zero3_storage(opt: Any, layout: _Layout) -> list[str]:
+    """ZeRO-3 keeps each 16-bit partition (``ds_tensor``) as a view of its sub-group's
+    flat buffer (unless parameters are offloaded): its offset there must be the local
+    offset the layout assumed for the fp32 sub-group buffer."""
+    errors = []
+    flats = getattr(opt, "fp16_partitioned_groups_flat", None) or []
+    for name, (ranges, rank, group, sg, offset) in layout.shards.items():
+        flat = flats[sg] if sg < len(flats) else None
+        p = layout.params[name]
+        if flat is None or p.ds_tensor is None or p.ds_tensor.numel() == 0:
+            continue
+        got = (p.ds_tensor.data_ptr() - flat.data_ptr()) // flat.element_size()
+        if 0 <= got < flat.numel() and got != offset:
+            errors.append(f"{name}'s partition lives at element {got} of sub-group {sg}, layout says {offset}")
     return errors
 
 
@@ -452,7 +469,7 @@ def bind(target: Any, model: Any, config: GCConfig) -> Binding | None:
         all_sources = [lambda hp=hp: hp for _, _, hp in pairs]
 
         def verify() -> None:
-            errors = _verify_pieces(pieces, all_sources, lambda pc: pc.param.data, None)
+            errors = _verify_pieces(pieces, all_sources, lambda pc: pc.param.data)
             _raise_everywhere(errors, None, "fp16/bf16 master copy")
 
         return Binding(inner, plans, sources, targets, engine=label, on_remove=on_remove, verify=verify)
@@ -492,16 +509,16 @@ def bind(target: Any, model: Any, config: GCConfig) -> Binding | None:
         if stage == 3:
             import deepspeed
 
-            errors: list[str] = []
+            errors = _verify_zero3_storage(wrapper, layout)
             # Gather one sub-group at a time (collective, same order on every rank).
             for sg, params in enumerate(wrapper.fp16_groups):
                 mine = [pc for pc in layout.pieces if pc.source == sg]
                 with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                    errors += _verify_pieces(mine, values, lambda pc: pc.param.data, None)
+                    errors += _verify_pieces(mine, values, lambda pc: pc.param.data)
         else:
             # ZeRO-1/2, BF16_Optimizer, FP16_Optimizer keep every 16-bit param whole on
             # every rank (a view into their flat buffer).
-            errors = _verify_pieces(layout.pieces, values, lambda pc: pc.param.data, None)
+            errors = _verify_pieces(layout.pieces, values, lambda pc: pc.param.data)
             errors += _verify_storage(layout, flats)
         _raise_everywhere(errors, None, f"ZeRO-{stage}")
 
