@@ -456,6 +456,7 @@ def run_config_checks(rank: int, world: int, config_dir: str, with_cpu_adam: boo
         deepspeed_config = os.path.join(config_dir, f"args_{rank}.json")
 
     with open(Args.deepspeed_config, "w") as f:
+        f.write("// DeepSpeed reads configs with hjson: comments are allowed, dist_gc must cope\n")
         json.dump(ds_config(base, world, {"enabled": True, "mode": "tensor", "exclude": ["head.*"]}), f)
     model = make_case_model(base)
     engine = dist_gc.deepspeed.initialize(args=Args(), model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0))[0]

@@ -77,7 +77,8 @@ STAGE012 = _with_clip([
     {"id": "z0-fp16-static", "stage": 0, "dtype": "fp16", "static_scale": 1.0},
     # DeepSpeed 0.19.8 stage-0 fp16 with a dynamic scale divides the gradient by the
     # loss scale without having scaled the loss (engine.backward only scales for ZeRO
-    # optimizers): its update is not the oracle's, so only the projected check applies.
+    # optimizers; DeepSpeed PR #8393, open): its update is not the oracle's, so only the
+    # projected check (GC-on == GC of DeepSpeed's own GC-off update) applies.
     {"id": "z0-fp16-dynamic", "stage": 0, "dtype": "fp16", "oracle": False},
     {"id": "z0-fp16-fusedadam", "stage": 0, "dtype": "fp16", "static_scale": 1.0, "opt": "fused_adam", "linear_adam": True, "needs": "FusedAdamBuilder"},
     {"id": "z0-bf16-fusedadam", "stage": 0, "dtype": "bf16", "opt": "fused_adam", "linear_adam": True, "needs": "FusedAdamBuilder"},
@@ -113,6 +114,7 @@ STAGE3 = _with_clip([
     {"id": "z3-fp16", "stage": 3, "dtype": "fp16", "zero": SG},
     {"id": "z3-dsadam", "stage": 3, "opt": "ds_adam", "zero": SG},
     {"id": "z3-offload-cpuadam", "stage": 3, "opt": "cpuadam", "offload": True, "zero": SG, "needs": "CPUAdamBuilder"},
+    {"id": "z3-offload-params-too", "stage": 3, "opt": "cpuadam", "offload": True, "zero": {**SG, "offload_param": {"device": "cpu"}}, "needs": "CPUAdamBuilder"},
 ])
 
 

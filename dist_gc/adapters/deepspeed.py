@@ -440,7 +440,13 @@ def bind(target: Any, model: Any, config: GCConfig) -> Binding | None:
     dims = detect_output_dims(engine.module)
     precision = "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"
     offload = bool(engine.zero_cpu_offload()) if stage > 0 else False
-    label = f"DeepSpeed ZeRO-{stage} ({precision}, {type(wrapper).__name__}, {type(inner).__name__}" + (", offload_optimizer=cpu" if offload else "") + ")"
+    offload_param = stage == 3 and str(getattr(engine.zero_offload_param(), "device", "none")).endswith("cpu")
+    label = (
+        f"DeepSpeed ZeRO-{stage} ({precision}, {type(wrapper).__name__}, {type(inner).__name__}"
+        + (", offload_optimizer=cpu" if offload else "")
+        + (", offload_param=cpu" if offload_param else "")
+        + ")"
+    )
     on_remove = [_guard(engine, stage, wrapper, inner)]
 
     if stage == 0 and not isinstance(wrapper, (BF16_Optimizer, FP16_Optimizer, FP16_UnfusedOptimizer)):
@@ -535,6 +541,8 @@ def _refuse_wrapped(target: Any, model: Any) -> None:
     from deepspeed.runtime.engine import DeepSpeedEngine
 
     hint = "pass the DeepSpeedEngine itself: dist_gc.attach(engine), or use dist_gc.deepspeed.initialize"
+    if type(target).__module__.split(".")[0] == "accelerate":
+        return  # accelerate's wrappers are the accelerate adapter's to resolve
     if isinstance(target, DeepSpeedOptimizer):
         raise ValueError(f"dist_gc.attach: got DeepSpeed's {type(target).__name__} wrapper; {hint}")
     if isinstance(model, DeepSpeedEngine):

@@ -45,10 +45,27 @@ def read_config(config: Any = None, args: Any = None) -> GCConfig:
     if config is None:
         return GCConfig(enabled=False)
     if isinstance(config, (str, os.PathLike)):
-        return GCConfig.from_deepspeed_config(config)
+        return _read_file(os.fspath(config))
     if hasattr(config, "items"):
         return GCConfig.from_deepspeed_config(dict(config))
     raise ValueError(f"dist_gc.deepspeed: config must be a dict or a path, got {type(config).__name__}")
+
+
+def _read_file(path: str) -> GCConfig:
+    """DeepSpeed reads its JSON config with hjson (comments, trailing commas allowed);
+    read it the same way when hjson is there (it is a DeepSpeed dependency)."""
+    try:
+        import hjson
+    except ImportError:
+        return GCConfig.from_deepspeed_config(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = hjson.load(f)
+    except OSError as exc:
+        raise ValueError(f"cannot read DeepSpeed config {path!r}: {exc}") from None
+    except hjson.HjsonDecodeError as exc:
+        raise ValueError(f"{path}: not a valid DeepSpeed JSON config: {exc}") from None
+    return GCConfig.from_deepspeed_config(dict(data), where=path)
 
 
 def initialize(*args: Any, **kwargs: Any):
