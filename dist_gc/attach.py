@@ -77,7 +77,12 @@ class GCHandle:
     def step(self) -> GCStats:
         """Centralize the current gradients now (for code that steps the update
         itself, without ``optimizer.step``)."""
-        self._pre_step(None, (), {})
+        if self.binding is not None and self.binding.phase is not None:
+            for k, engine in enumerate(self.engines):  # every phase, in order
+                stats = engine.step(GCStats(centralized=self._stats.centralized, skipped=self._stats.skipped))
+                self._stats = stats if k == 0 else _merge_stats(self._stats, stats)
+        else:
+            self._pre_step(None, (), {})
         return self._stats
 
     def remove(self) -> None:

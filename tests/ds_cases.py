@@ -18,10 +18,9 @@ from __future__ import annotations
 import functools
 import gc
 import json
+import math
 import os
-import tempfile
 import time
-import traceback
 from typing import Any, Callable
 
 import torch
@@ -253,7 +252,8 @@ def train_step(engine: Any, case: dict[str, Any], rank: int, world: int) -> None
 
 def run_variant(case: dict[str, Any], rank: int, world: int, variant: str, mode: str = "channel") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """One engine, one training step: (fp32 masters after it, facts about the run)."""
-    engine = build_engine(case, world, {"enabled": True, "mode": mode} if variant == "gc" else None)
+    block = {"enabled": True, "mode": mode, "full_stats": bool(case.get("full_stats"))}
+    engine = build_engine(case, world, block if variant == "gc" else None)
     handle = engine.dist_gc
     facts: dict[str, Any] = {}
     if variant == "gc":
@@ -268,7 +268,9 @@ def run_variant(case: dict[str, Any], rank: int, world: int, variant: str, mode:
     facts["skipped_steps"] = engine.skipped_steps
     if handle is not None:
         facts["gc_steps"] = handle.engine.steps
-        facts["gc_bytes"] = handle.stats.bytes_communicated
+        st = handle.stats
+        facts["gc_bytes"] = st.bytes_communicated
+        facts["stats"] = (st.grad_norm_before, st.grad_norm_after, st.max_abs_mean_before, st.max_abs_mean_after)
     out = master_weights(engine)
     if handle is not None:
         handle.remove()
@@ -312,6 +314,17 @@ def oracle(case: dict[str, Any], mode: str | None) -> dict[str, torch.Tensor]:
         torch.optim.Adam([w], **adam_hparams(case)).step()
         out[name] = w.detach()
     return out
+
+
+def oracle_norms(case: dict[str, Any], mode: str) -> tuple[float, float]:
+    """Global L2 norm of the GC targets' (clipped) gradient before and after GC, from
+    the oracle step (SGD lr=1: the gradient is the parameter change)."""
+    w0 = initial_masters(case)
+    off, on = oracle(dict(case, opt="sgd"), None), oracle(dict(case, opt="sgd"), mode)
+    names = [n for n in GCTestNet.OUTPUT_DIMS if not (case.get("frozen") and n in FROZEN)]
+    before = math.sqrt(sum(float((w0[n] - off[n]).pow(2).sum()) for n in names))
+    after = math.sqrt(sum(float((w0[n] - on[n]).pow(2).sum()) for n in names))
+    return before, after
 
 
 def project(update: dict[str, torch.Tensor], mode: str, frozen: bool) -> dict[str, torch.Tensor]:

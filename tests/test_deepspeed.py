@@ -22,6 +22,7 @@ Proven here, at W = 2 and 3 (ZeRO-3 also 4), both modes, clipping off and on:
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 
 import pytest
@@ -29,9 +30,9 @@ import torch
 
 pytest.importorskip("deepspeed")
 
-from tests.ds_cases import DTYPES, FROZEN, initial_masters, oracle, run_cases, run_config_checks, run_overflow  # noqa: E402
+from tests.ds_cases import DTYPES, FROZEN, initial_masters, oracle, oracle_norms, run_cases, run_config_checks, run_overflow  # noqa: E402
 from tests.harness import run_distributed  # noqa: E402
-from tests.models import GCTestNet  # noqa: E402
+from tests.models import GCTestNet, make_shifted_model  # noqa: E402
 
 FP32_ATOL = 1e-5
 EPS32 = torch.finfo(torch.float32).eps
@@ -86,7 +87,7 @@ STAGE012 = _with_clip([
     {"id": "z1-fp32", "stage": 1, "controls": True},
     {"id": "z1-groups-frozen", "stage": 1, "groups": True, "frozen": True, "controls": True},
     {"id": "z1-bf16", "stage": 1, "dtype": "bf16", "controls": True},
-    {"id": "z1-bf16-BF16_Optimizer", "stage": 1, "dtype": "bf16", "extra": BF16_OPT, "groups": True, "controls": True},
+    {"id": "z1-bf16-BF16_Optimizer", "stage": 1, "dtype": "bf16", "extra": BF16_OPT, "groups": True, "controls": True, "full_stats": True},
     {"id": "z1-fp16", "stage": 1, "dtype": "fp16"},
     {"id": "z1-dsadam", "stage": 1, "opt": "ds_adam"},
     {"id": "z1-offload-cpuadam", "stage": 1, "opt": "cpuadam", "offload": True, "needs": "CPUAdamBuilder"},
@@ -94,7 +95,7 @@ STAGE012 = _with_clip([
     {"id": "z2-overlap-smallbuckets", "stage": 2, "zero": {"overlap_comm": True, "reduce_bucket_size": 200, "allgather_bucket_size": 200}, "controls": True},
     {"id": "z2-noncontiguous", "stage": 2, "zero": {"contiguous_gradients": False}, "controls": True},
     {"id": "z2-roundrobin", "stage": 2, "zero": {"round_robin_gradients": True}, "controls": True},
-    {"id": "z2-roundrobin-groups-frozen", "stage": 2, "zero": {"round_robin_gradients": True, "overlap_comm": True}, "groups": True, "frozen": True, "controls": True},
+    {"id": "z2-roundrobin-groups-frozen", "stage": 2, "zero": {"round_robin_gradients": True, "overlap_comm": True}, "groups": True, "frozen": True, "controls": True, "full_stats": True},
     {"id": "z2-gas2", "stage": 2, "gas": 2, "zero": {"overlap_comm": True}, "controls": True},
     {"id": "z2-bf16", "stage": 2, "dtype": "bf16", "controls": True},
     {"id": "z2-fp16", "stage": 2, "dtype": "fp16", "zero": {"round_robin_gradients": True}},
@@ -106,7 +107,7 @@ STAGE012 = _with_clip([
 SG = {"sub_group_size": 300}  # several sub-groups: DeepSpeed steps (and GC runs) once per sub-group
 STAGE3 = _with_clip([
     {"id": "z3-fp32", "stage": 3, "controls": True},
-    {"id": "z3-subgroups-nopersist", "stage": 3, "zero": {**SG, "stage3_param_persistence_threshold": 0}, "controls": True},
+    {"id": "z3-subgroups-nopersist", "stage": 3, "zero": {**SG, "stage3_param_persistence_threshold": 0}, "controls": True, "full_stats": True},
     {"id": "z3-zeroinit", "stage": 3, "zero_init": True, "zero": SG},
     {"id": "z3-groups-frozen", "stage": 3, "zero": SG, "groups": True, "frozen": True, "controls": True},
     {"id": "z3-gas2-noncontiguous", "stage": 3, "gas": 2, "zero": {**SG, "contiguous_gradients": False, "overlap_comm": False, "reduce_bucket_size": 200}},
@@ -168,6 +169,15 @@ def _check(results: list[dict], cases: list[dict], world: int) -> None:
             if "sub_group_size" in case.get("zero", {}) or (case.get("groups") and case["stage"] in (1, 2) and "extra" not in case):
                 # DeepSpeed stepped its optimizer once per group / sub-group: GC too.
                 assert facts["phases"] >= 2, f"{where} expected several optimizer phases: {facts}"
+            if case.get("full_stats"):
+                # Statistics merged over the optimizer phases and reduced over the
+                # partition groups: global norms before/after GC, means ~0 after.
+                before, after, _, mean_after = facts["stats"]
+                want_before, want_after = oracle_norms(case, mode)
+                rtol = 1e-5 if case.get("dtype", "fp32") == "fp32" else 8 * torch.finfo(DTYPES[case["dtype"]]).eps
+                assert math.isclose(before, want_before, rel_tol=rtol), f"{where} {mode}: grad_norm_before {before} != {want_before}"
+                assert math.isclose(after, want_after, rel_tol=rtol), f"{where} {mode}: grad_norm_after {after} != {want_after}"
+                assert mean_after <= 1e-6 * max(1.0, before), f"{where} {mode}: max |mean| after GC {mean_after}"
             if case.get("oracle", True):
                 err = res["err"][mode]
                 worst = max(err, key=err.get)
@@ -211,7 +221,7 @@ def test_gc_changes_every_weight_update():
                 assert change < 1e-8, (mode, name, change)
             else:
                 assert change > 20 * FP32_ATOL, f"GC changes {name} ({mode}) by only {change:.3g}"
-    assert set(FROZEN) <= {n for n, _ in torch.nn.Module.named_parameters(__import__("tests.models").models.make_shifted_model())}
+    assert set(FROZEN) <= {n for n, _ in make_shifted_model().named_parameters()}
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -305,7 +315,7 @@ def test_dist_gc_deepspeed_is_lazy():
     import sys
 
     code = "import sys, dist_gc, dist_gc.deepspeed; assert 'deepspeed' not in sys.modules, 'imported deepspeed'"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=__import__("os").path.dirname(__import__("os").path.dirname(__file__)))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_layout_ranges_cover_each_tensor_once():
@@ -319,4 +329,3 @@ def test_layout_ranges_cover_each_tensor_once():
                     ranges = equal_partition_ranges(off, numel, psize, world)
                     covered = [i for s, e in ranges for i in range(s, e)]
                     assert covered == list(range(numel)), (world, psize, off, numel, ranges)
-    assert math.isclose(1.0, 1.0)
