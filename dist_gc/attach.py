@@ -30,6 +30,7 @@ class GCHandle:
         self.config = config
         self.binding = binding
         self.engine: GCEngine | None = None
+        self.engines: list[GCEngine] = []
         self._hook = None
         self._stats = GCStats()
         if binding is None:
@@ -37,10 +38,18 @@ class GCHandle:
         self._stats.centralized = [p.name for p in binding.plans]
         self._stats.skipped = {n: t.reason for n, t in binding.targets.items() if t.geometry is None}
         temp = max(64 * 2**20, sum(_local_bytes(s) for s in binding.sources) // 100)
-        self.engine = GCEngine(binding.plans, binding.sources, temp_limit_bytes=temp, full_stats=config.full_stats)
+        # One engine per phase when the optimizer is stepped once per part of the
+        # parameters (see Binding.phases); each step call then centralizes only its part.
+        phases = binding.phases if binding.phases is not None else [list(range(len(binding.plans)))]
+        self.engines = [
+            GCEngine([binding.plans[i] for i in idx], binding.sources, temp_limit_bytes=temp, full_stats=config.full_stats)
+            for idx in phases
+        ]
+        self.engine = self.engines[0]
         # Message sizes are derived independently on each rank; check they agree once
         # (collective, on every rank) so a layout bug fails here instead of hanging.
-        self.engine.verify_collectives()
+        for engine in self.engines:
+            engine.verify_collectives()
         if binding.verify is not None:
             binding.verify()
         self._hook = binding.optimizer.register_step_pre_hook(self._pre_step)
@@ -59,13 +68,21 @@ class GCHandle:
         return self._stats
 
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        phase = 0 if self.binding.phase is None else self.binding.phase(optimizer)
         stats = GCStats(centralized=self._stats.centralized, skipped=self._stats.skipped)
-        self._stats = self.engine.step(stats)
+        stats = self.engines[phase].step(stats)
+        # Phase 0 opens a training step; later phases add to its statistics.
+        self._stats = stats if phase == 0 else _merge_stats(self._stats, stats)
 
     def step(self) -> GCStats:
         """Centralize the current gradients now (for code that steps the update
         itself, without ``optimizer.step``)."""
-        self._pre_step(None, (), {})
+        if self.binding is not None and self.binding.phase is not None:
+            for k, engine in enumerate(self.engines):  # every phase, in order
+                stats = engine.step(GCStats(centralized=self._stats.centralized, skipped=self._stats.skipped))
+                self._stats = stats if k == 0 else _merge_stats(self._stats, stats)
+        else:
+            self._pre_step(None, (), {})
         return self._stats
 
     def remove(self) -> None:
@@ -84,6 +101,23 @@ class GCHandle:
             f"GCHandle(engine={self.binding.engine!r}, mode={self.config.mode!r}, "
             f"centralized={len(self._stats.centralized)}, skipped={len(self._stats.skipped)})"
         )
+
+
+def _merge_stats(a: GCStats, b: GCStats) -> GCStats:
+    """Statistics of one training step made of several phases (disjoint parameters)."""
+
+    def norm(x: float | None, y: float | None) -> float | None:
+        return None if x is None or y is None else (x * x + y * y) ** 0.5
+
+    a.max_abs_mean_before = max(a.max_abs_mean_before, b.max_abs_mean_before)
+    if a.max_abs_mean_after is not None and b.max_abs_mean_after is not None:
+        a.max_abs_mean_after = max(a.max_abs_mean_after, b.max_abs_mean_after)
+    a.grad_norm_before = norm(a.grad_norm_before, b.grad_norm_before)
+    a.grad_norm_after = norm(a.grad_norm_after, b.grad_norm_after)
+    a.bytes_communicated += b.bytes_communicated
+    a.collectives += b.collectives
+    a.seconds += b.seconds
+    return a
 
 
 def _local_bytes(source) -> int:

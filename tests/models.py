@@ -157,3 +157,31 @@ def tp_loss_on(model: nn.Module, batch) -> torch.Tensor:
     x, labels = batch  # MSE to one-hot, as loss_on (softmax would zero tensor means)
     logits = model(x).float()
     return F.mse_loss(logits, F.one_hot(labels, logits.shape[1]).float()) * LOSS_SCALE
+
+
+class ShiftedLayerNorm(nn.LayerNorm):
+    """LayerNorm whose bias starts away from zero. With the default (weight 1, bias 0)
+    the layer after it sees inputs with zero mean over features, so its channel-mode GC
+    is a structural no-op; this keeps GC visible on every >= 2-D weight. The shift is
+    set in ``reset_parameters`` so it also holds under ``deepspeed.zero.Init`` (which
+    partitions each module right after its own ``__init__``)."""
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self.elementwise_affine and self.bias is not None:
+            with torch.no_grad():
+                self.bias.copy_(torch.linspace(-0.2, 0.6, self.bias.numel()))
+
+
+class GCTestNetShifted(GCTestNet):
+    """``GCTestNet`` with a :class:`ShiftedLayerNorm` (same parameter names, shapes and
+    initial values otherwise; LayerNorm init draws no random numbers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = ShiftedLayerNorm(13)
+
+
+def make_shifted_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> GCTestNetShifted:
+    torch.manual_seed(seed)
+    return GCTestNetShifted().to(dtype)

@@ -21,6 +21,7 @@ __all__ = ["Binding", "ADAPTERS", "bind"]
 
 #: Adapter modules, most specific first; ``plain`` (any torch optimizer) is last.
 ADAPTERS = [
+    "dist_gc.adapters.deepspeed",
     "dist_gc.adapters.fsdp1",
     "dist_gc.adapters.fsdp2",
     "dist_gc.adapters.plain",
@@ -42,6 +43,14 @@ class Binding:
     on_remove: list[Callable[[], None]] = field(default_factory=list)
     verify: Callable[[], None] | None = None
     """Optional check run once after the hook is in place (e.g. layout vs values)."""
+    phases: list[list[int]] | None = None
+    """Optional: when the engine steps ``optimizer`` several times per training step,
+    each time on a different part of the parameters (DeepSpeed ZeRO-1/2 steps one param
+    group at a time, ZeRO-3 one sub-group at a time), the indices into ``plans`` of each
+    part. ``None``: every ``step`` call covers all plans."""
+    phase: Callable[[torch.optim.Optimizer], int] | None = None
+    """With ``phases``: which phase the optimizer is stepping now (called in its step
+    pre-hook). Every rank must step the phases in the same order (collectives match)."""
 
 
 def bind(target: Any, model: Any, config: Any) -> Binding:
