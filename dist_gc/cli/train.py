@@ -56,6 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save-every", type=int, default=0, help="checkpoint (accelerator.save_state) every N steps; 0: never")
     p.add_argument("--resume-from", default=None, metavar="PATH|latest",
                    help="checkpoint directory to resume from, or 'latest' (newest under checkpoints/gc_<arm>/)")
+    p.add_argument("--stop-at", type=_positive, default=None, metavar="STEP",
+                   help="stop after STEP steps (e.g. a time-limited job); the schedule still spans --steps, "
+                        "so --resume-from continues as if never stopped")
     p.add_argument("--verify", action="store_true", help="check one step against the single-process oracle first")
     p.add_argument("--verify-only", action="store_true", help="like --verify, then exit without training")
     # Negative control for the tests: a naive GC that --verify must reject.
@@ -238,7 +241,7 @@ def train_arm(accelerator: Any, task: Task, args: argparse.Namespace, arm: str, 
     bar = tqdm(total=args.steps, initial=start, desc=f"{task.name} gc {arm}", disable=not accelerator.is_main_process, dynamic_ncols=True)
     model.train()
     for step, batch in epoch_batches(loader, start, len(loader)):
-        if step >= args.steps:
+        if step >= min(args.steps, args.stop_at or args.steps):
             break
         loss, hits, count = task.forward(model, batch)
         accelerator.backward(loss)  # DeepSpeed: also engine.step (clip, GC, update)
@@ -336,6 +339,8 @@ def main(argv: list[str] | None = None) -> None:
             return
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if args.resume_from is None:  # a fresh run starts a fresh log; a resumed one appends
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     accelerator.init_trackers("tensorboard", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
     metrics = MetricsLog(accelerator, run_dir / "metrics.jsonl")
     for arm in ("on", "off") if args.ab else (args.gc,):
