@@ -20,7 +20,11 @@ from ..engine.layout import TensorPlan
 __all__ = ["Binding", "ADAPTERS", "bind"]
 
 #: Adapter modules, most specific first; ``plain`` (any torch optimizer) is last.
+#: ``accelerate`` comes first: its wrapper subclasses ``torch.optim.Optimizer`` without
+#: running its ``__init__`` (hooks on it never fire), so it must be unwrapped before any
+#: other adapter looks at it.
 ADAPTERS = [
+    "dist_gc.adapters.accelerate",
     "dist_gc.adapters.deepspeed",
     "dist_gc.adapters.fsdp1",
     "dist_gc.adapters.fsdp2",
