@@ -11,10 +11,7 @@ from torch.utils.data import DataLoader
 from ..core.config import GCConfig
 from .tasks import EpochShuffleSampler
 
-try:  # the accelerate adapter (dist_gc/accelerate.py)
-    from .. import accelerate as gc_accelerate
-except ImportError:  # pragma: no cover - until the adapter lands on this branch
-    from .. import _accel_standin as gc_accelerate
+from .. import accelerate as gc_accelerate
 
 __all__ = ["gc_accelerate", "is_deepspeed", "zero_stage", "deepspeed_engine", "engine_clip", "make_loader", "resolve_gc_config", "attach_gc", "stepping_optimizer"]
 
@@ -61,20 +58,17 @@ def make_loader(dataset: Any, batch_size: int, seed: int, shuffle: bool = True) 
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=shuffle)
 
 
-def resolve_gc_config(accelerator: Any, path: str | None) -> GCConfig | None:
-    """The GC settings the run uses. Under DeepSpeed they come from the DeepSpeed JSON's
-    ``"gradient_centralization"`` block (so no file may be given); otherwise from
-    ``path``, or channel mode with full statistics when no file is given."""
-    if is_deepspeed(accelerator):
-        if path is not None:
-            raise SystemExit(
-                "error: --gc-config cannot be used under DeepSpeed: the GC settings come from the "
-                "\"gradient_centralization\" block of the DeepSpeed JSON (deepspeed_config_file)"
-            )
-        return gc_accelerate.read_config(accelerator)
-    if path is None:
+def resolve_gc_config(accelerator: Any, path: str | None) -> GCConfig:
+    """The GC settings the run uses, validated before any work. Under DeepSpeed they come
+    from the DeepSpeed JSON's ``"gradient_centralization"`` block (giving a file too is
+    an error); otherwise from ``path``, or channel mode with full statistics when no
+    file is given. A bad config exits with the adapter's message (key, value, allowed)."""
+    if path is None and not is_deepspeed(accelerator):
         return GCConfig(full_stats=True)
-    return gc_accelerate.read_config(accelerator, path)
+    try:
+        return gc_accelerate.read_config(accelerator, path)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def attach_gc(accelerator: Any, optimizer: Any, model: Any, config: GCConfig) -> Any:

@@ -84,24 +84,19 @@ def _positive(text: str) -> int:
 
 # --------------------------------------------------------------------------- setup
 def make_accelerator(run_dir: Path) -> Any:
-    """An Accelerator for whatever launched us.
+    """An Accelerator for whatever launched us (accelerate launch with any config,
+    torchrun, the deepspeed launcher, or one process), on GPUs or CPU only.
 
-    Why the CPU special cases: without a GPU, accelerate only goes distributed when told
-    ``cpu=True`` (accelerate launch's multi-CPU config sets it; under plain ``torchrun``
-    we must), and then it never uses DeepSpeed. Under DeepSpeed (accelerate launch with
-    a DeepSpeed config) on CPU it needs ``cpu=False`` and an explicit ``gloo`` backend,
-    which it hands to ``deepspeed.init_distributed``."""
+    Why ``dist_gc.accelerate.accelerator_kwargs()``: without a GPU, accelerate only goes
+    multi-process when told ``cpu=True`` (plain torchrun does not say so), and then it
+    never uses DeepSpeed; under DeepSpeed on CPU it needs the gloo backend instead."""
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+    from accelerate.utils import ProjectConfiguration
 
-    handlers, cpu = [], False
-    if not torch.cuda.is_available():
-        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-            handlers.append(InitProcessGroupKwargs(backend="gloo"))
-        else:
-            cpu = True
+    from .common import gc_accelerate
+
     project = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir))
-    return Accelerator(cpu=cpu, log_with="tensorboard", project_config=project, kwargs_handlers=handlers)
+    return Accelerator(log_with="tensorboard", project_config=project, **gc_accelerate.accelerator_kwargs())
 
 
 def fill_task_defaults(args: argparse.Namespace, task: Task) -> None:
