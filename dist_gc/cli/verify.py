@@ -42,6 +42,7 @@ class VerifyResult:
     naive_error: float
     """max |naive GC update - oracle|"""
     naive_label: str
+    clip_note: str = "no clipping"
 
     @property
     def ok(self) -> bool:
@@ -50,7 +51,7 @@ class VerifyResult:
     def message(self) -> str:
         return (
             f"verify: max |update - oracle| = {self.error:.3e} (tolerance {TOLERANCE:g}) "
-            f"{'OK' if self.ok else 'FAILED'}; GC changed the update by up to {self.gc_effect:.3e}; "
+            f"{'OK' if self.ok else 'FAILED'} ({self.clip_note}); GC changed the update by up to {self.gc_effect:.3e}; "
             f"naive GC ({self.naive_label}) would be off by {self.naive_error:.3e}"
         )
 
@@ -86,9 +87,10 @@ def _output_dim(module: nn.Module) -> int:
     return 0
 
 
-def oracle_gradients(task: Task, before: dict[str, torch.Tensor], batch: dict, clip: float | None) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+def oracle_gradients(task: Task, before: dict[str, torch.Tensor], batch: dict, clip: float | None) -> tuple[nn.Module, dict[str, torch.Tensor], str]:
     """Gradients (fp64) of the mean loss on the global batch at ``before``, clipped by
-    the engine's rule ``g * min(1, clip / (||g|| + 1e-6))`` over all gradients."""
+    the engine's rule ``g * min(1, clip / (||g|| + 1e-6))`` over all gradients; and a
+    note saying whether clipping was active."""
     model = task.build_model()
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -96,11 +98,12 @@ def oracle_gradients(task: Task, before: dict[str, torch.Tensor], batch: dict, c
     loss, _, _ = task.forward(model, batch)
     loss.backward()
     grads = {n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None}
-    if clip is not None:
-        total = torch.sqrt(sum((g * g).sum() for g in grads.values()))
-        scale = min(1.0, clip / (float(total) + 1e-6))
-        grads = {n: g * scale for n, g in grads.items()}
-    return model, grads
+    if clip is None:
+        return model, grads, "no clipping"
+    total = float(torch.sqrt(sum((g * g).sum() for g in grads.values())))
+    scale = min(1.0, clip / (total + 1e-6))
+    note = f"clipping {'active' if scale < 1 else 'inactive'}: grad norm {total:.3g}, max {clip:g}"
+    return model, {n: g * scale for n, g in grads.items()}, note
 
 
 def centralized(model: nn.Module, grads: dict[str, torch.Tensor], config: GCConfig) -> dict[str, torch.Tensor]:
@@ -171,7 +174,7 @@ def verify_step(accelerator: Any, task: Task, *, batch_size: int, seed: int, gc_
     global_batch = accelerator.gather(batch)  # every rank's micro-batch, in rank order
 
     update = {n: before[n].double() - after[n].double() for n in before}
-    oracle_model, grads = oracle_gradients(task, before, global_batch, clip)
+    oracle_model, grads, clip_note = oracle_gradients(task, before, global_batch, clip)
     expected = centralized(oracle_model, grads, gc_config)
     sharded = (zero_stage(accelerator) or 0) > 0
     result = VerifyResult(
@@ -179,6 +182,7 @@ def verify_step(accelerator: Any, task: Task, *, batch_size: int, seed: int, gc_
         gc_effect=max_diff(grads, expected),
         naive_error=max_diff(naive(grads, sharded), expected),
         naive_label="no-op on ZeRO's 1-D flat shards" if sharded else "dim 0 of every >= 2-D tensor",
+        clip_note=clip_note,
     )
     handle.remove()
     accelerator.free_memory(model, optimizer, loader)  # the training run prepares its own
