@@ -169,7 +169,7 @@ def build_task(name: str, seed: int) -> Task:
     """The task's model builder, datasets and default hyper-parameters."""
     if name == "cnn":
         train, test = load_digits_split(seed)
-        return Task("cnn", DigitsCNN, train, test, forward_classifier, optimizer="sgd", lr=0.05, batch_size=32, steps=120)
+        return Task("cnn", DigitsCNN, train, test, forward_classifier, optimizer="sgd", lr=0.05, batch_size=32, steps=400)
     if name in ("gpt2", "llama"):
         train, test = load_pydoc_bytes()
         builder = build_gpt2 if name == "gpt2" else build_llama

@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=10, help="linear warm-up steps, then cosine decay")
     p.add_argument("--max-grad-norm", type=float, default=1.0,
                    help="gradient clipping (<= 0: off); under DeepSpeed the JSON's gradient_clipping applies")
-    p.add_argument("--eval-every", type=_positive, default=20, help="evaluate on the test set every N steps")
+    p.add_argument("--eval-every", type=_positive, default=25, help="evaluate on the test set every N steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", default="runs", help="outputs go to <output-dir>/<task>/")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint (accelerator.save_state) every N steps; 0: never")
