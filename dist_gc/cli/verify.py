@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from ..core.centralize import centralize_
 from ..core.config import GCConfig
-from ..core.select import resolve_targets
+from ..core.select import clean_name, resolve_targets
 from .common import attach_gc, engine_clip, is_deepspeed, make_loader, stepping_optimizer, zero_stage
 from .tasks import Task
 
@@ -68,11 +68,26 @@ def _gathered(accelerator: Any, module: nn.Module):
     return contextlib.nullcontext()
 
 
-def full_params(accelerator: Any, model: Any) -> dict[str, torch.Tensor]:
-    """Full fp32 copies of every parameter, by the user's parameter name."""
-    module = accelerator.unwrap_model(model)
-    with _gathered(accelerator, module):
-        return {n: p.detach().float().clone() for n, p in module.named_parameters()}
+def full_params(accelerator: Any, model: Any, names: set[str]) -> dict[str, torch.Tensor]:
+    """Full fp32 CPU copies of the parameters ``names`` (the user's parameter names),
+    whatever the engine shards. Collective: every rank must call it."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # FSDP1 FlatParameter shards / FSDP2 DTensors: torch's full state dict all-gathers
+        # them (on every rank) under the user's names, wrapper prefixes removed.
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        full = {clean_name(k): v for k, v in state.items()}
+    else:
+        module = accelerator.unwrap_model(model)
+        with _gathered(accelerator, module):
+            full = {clean_name(n): p.detach().float().cpu().clone() for n, p in module.named_parameters()}
+    missing = names - full.keys()
+    if missing:
+        raise RuntimeError(f"verify: could not gather parameters {sorted(missing)[:5]}")
+    return {n: full[n].detach().float().cpu().clone() for n in names}
 
 
 # --------------------------------------------------------------------------- oracle
@@ -161,7 +176,8 @@ def verify_step(accelerator: Any, task: Task, *, batch_size: int, seed: int, gc_
         raise SystemExit("error: --verify needs GC enabled (the DeepSpeed JSON's gradient_centralization block is absent or disabled)")
     clip = engine_clip(accelerator, max_grad_norm)
 
-    before = full_params(accelerator, model)
+    names = {n for n, _ in task.build_model().named_parameters()}
+    before = full_params(accelerator, model, names)
     batch = next(iter(loader))
     model.train()
     loss, _, _ = task.forward(model, batch)
@@ -170,8 +186,8 @@ def verify_step(accelerator: Any, task: Task, *, batch_size: int, seed: int, gc_
         accelerator.clip_grad_norm_(model.parameters(), clip)
     optimizer.step()
     optimizer.zero_grad()
-    after = full_params(accelerator, model)
-    global_batch = accelerator.gather(batch)  # every rank's micro-batch, in rank order
+    after = full_params(accelerator, model, names)
+    global_batch = {k: v.cpu() for k, v in accelerator.gather(batch).items()}  # every rank's micro-batch, in rank order
 
     update = {n: before[n].double() - after[n].double() for n in before}
     oracle_model, grads, clip_note = oracle_gradients(task, before, global_batch, clip)
