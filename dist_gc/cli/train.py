@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from .common import attach_gc, engine_clip, gc_accelerate, is_deepspeed, make_loader, resolve_gc_config, zero_stage
 from .tasks import TASKS, Task, build_task
 
 __all__ = ["main", "parse_args"]
@@ -92,8 +93,6 @@ def make_accelerator(run_dir: Path) -> Any:
     never uses DeepSpeed; under DeepSpeed on CPU it needs the gloo backend instead."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
-
-    from .common import gc_accelerate
 
     project = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir))
     return Accelerator(log_with="tensorboard", project_config=project, **gc_accelerate.accelerator_kwargs())
@@ -166,8 +165,6 @@ def load_checkpoint(accelerator: Any, path: Path) -> int:
 def evaluate(accelerator: Any, model: Any, task: Task, batch_size: int) -> float:
     """Accuracy on the whole test set. Every rank runs every test batch (the test sets
     are small): under ZeRO-3 a forward pass is a collective, so all ranks must run it."""
-    from .common import make_loader
-
     model.eval()
     hits = total = 0
     with torch.no_grad():
@@ -215,8 +212,6 @@ def train_arm(accelerator: Any, task: Task, args: argparse.Namespace, arm: str, 
     """Train one arm (GC on or off) from scratch or from a checkpoint."""
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
-
-    from .common import attach_gc, engine_clip, is_deepspeed, make_loader
 
     set_seed(args.seed)  # same initial weights in both arms
     model = task.build_model()
@@ -306,8 +301,6 @@ def run_verify(accelerator: Any, task: Task, args: argparse.Namespace, gc_config
 
 
 def describe(accelerator: Any, task: Task, args: argparse.Namespace, gc_config: Any) -> str:
-    from .common import zero_stage
-
     stage = zero_stage(accelerator)
     engine = f"{accelerator.distributed_type}" + (f" ZeRO-{stage}" if stage is not None else "")
     params = sum(p.numel() for p in task.build_model().parameters())
@@ -318,8 +311,6 @@ def describe(accelerator: Any, task: Task, args: argparse.Namespace, gc_config: 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    from .common import resolve_gc_config
-
     task = build_task(args.task, args.seed)
     fill_task_defaults(args, task)
     run_dir = Path(args.output_dir) / args.task
@@ -341,7 +332,9 @@ def main(argv: list[str] | None = None) -> None:
     for arm in ("on", "off") if args.ab else (args.gc,):
         train_arm(accelerator, task, args, arm, gc_config, run_dir, metrics)
     if args.ab and accelerator.is_main_process:
-        plot_ab(metrics.records, run_dir / "ab_curves.png", task.name)
+        # From the file, not memory: a resumed run's curves start at step 1 too.
+        records = [json.loads(line) for line in metrics.path.read_text().splitlines()]
+        plot_ab(records, run_dir / "ab_curves.png", task.name)
     accelerator.end_training()
     accelerator.print(f"done in {time.perf_counter() - t0:.1f}s; outputs in {run_dir}/ "
                       f"(metrics.jsonl, tensorboard/{', ab_curves.png' if args.ab else ''}{', checkpoints/' if args.save_every else ''})")
