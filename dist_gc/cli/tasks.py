@@ -173,5 +173,5 @@ def build_task(name: str, seed: int) -> Task:
     if name in ("gpt2", "llama"):
         train, test = load_pydoc_bytes()
         builder = build_gpt2 if name == "gpt2" else build_llama
-        return Task(name, builder, train, test, forward_lm, optimizer="adamw", lr=3e-3, batch_size=8, steps=40)
+        return Task(name, builder, train, test, forward_lm, optimizer="adamw", lr=3e-3, batch_size=8, steps=150)
     raise ValueError(f"unknown task {name!r} (allowed: {', '.join(TASKS)})")
