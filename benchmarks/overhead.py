@@ -23,32 +23,39 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dist_gc  # noqa: E402
 
 
+class Block(nn.Module):
+    """q/k/v/o and gate/up/down linears with RMSNorms (attention mixing left out: the
+    gradient set, not the model quality, is what the benchmark needs)."""
+
+    def __init__(self, hidden: int, inter: int) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(hidden, hidden, bias=False) for _ in range(4))
+        self.gate, self.up = nn.Linear(hidden, inter, bias=False), nn.Linear(hidden, inter, bias=False)
+        self.down = nn.Linear(inter, hidden, bias=False)
+        self.n1, self.n2 = nn.RMSNorm(hidden), nn.RMSNorm(hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.n1(x)
+        x = x + self.o(self.v(h) * torch.sigmoid(self.q(h) * self.k(h)))
+        h = self.n2(x)
+        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+
+
 class RefModel(nn.Module):
-    """A Llama-shaped stack (embedding, q/k/v/o and gate/up/down linears, RMSNorms,
-    an untied head) without attention mixing, ~5M parameters."""
+    """A Llama-shaped stack (embedding, blocks, final RMSNorm, untied head), ~4.3M
+    parameters."""
 
     def __init__(self, vocab: int = 2048, hidden: int = 256, inter: int = 704, layers: int = 4) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, hidden)
-        self.layers = nn.ModuleList()
-        for _ in range(layers):
-            blk = nn.Module()
-            for n in ("q", "k", "v", "o"):
-                setattr(blk, n, nn.Linear(hidden, hidden, bias=False))
-            blk.gate, blk.up = nn.Linear(hidden, inter, bias=False), nn.Linear(hidden, inter, bias=False)
-            blk.down = nn.Linear(inter, hidden, bias=False)
-            blk.n1, blk.n2 = nn.RMSNorm(hidden), nn.RMSNorm(hidden)
-            self.layers.append(blk)
+        self.layers = nn.ModuleList(Block(hidden, inter) for _ in range(layers))
         self.norm = nn.RMSNorm(hidden)
         self.head = nn.Linear(hidden, vocab, bias=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.embed(tokens)
-        for b in self.layers:
-            h = b.n1(x)
-            x = x + b.o(b.v(h) * torch.sigmoid(b.q(h) * b.k(h)))
-            h = b.n2(x)
-            x = x + b.down(F.silu(b.gate(h)) * b.up(h))
+        for block in self.layers:
+            x = block(x)
         return self.head(self.norm(x))
 
 
@@ -74,11 +81,44 @@ def _zero(stage):
     def build(model):
         import deepspeed
 
-        cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": stage}, "steps_per_print": 10**9}
+        deepspeed.init_distributed(dist_backend="gloo")  # joins the harness' gloo group
+        cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": stage}, "steps_per_print": 10**9,
+               "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False}
         engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1e-3), config=cfg)
         return engine, opt, lambda c: dist_gc.attach(engine, config=c), engine.step
 
     return build
+
+
+class CollectiveCounter:
+    """Counts the collectives issued through ``torch.distributed``'s Python API (and the
+    bytes of their tensors) while active — independent of dist_gc's own stats. The
+    engines' internal traffic that bypasses Python (DDP's C++ reducer) is not seen; the
+    difference between a GC-on and a GC-off step is GC's extra traffic."""
+
+    NAMES = ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "reduce_scatter", "all_gather", "broadcast", "reduce")
+
+    def __init__(self) -> None:
+        self.calls = self.bytes = 0
+        self._saved: dict = {}
+
+    def __enter__(self) -> "CollectiveCounter":
+        for name in self.NAMES:
+            fn = getattr(dist, name)
+            self._saved[name] = fn
+
+            def counted(*args, _fn=fn, **kwargs):
+                self.calls += 1
+                t = args[0] if args and isinstance(args[0], torch.Tensor) else None
+                self.bytes += 0 if t is None else t.numel() * t.element_size()
+                return _fn(*args, **kwargs)
+
+            setattr(dist, name, counted)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, fn in self._saved.items():
+            setattr(dist, name, fn)
 
 
 ENGINES = {"DDP": _ddp, "FSDP2": _fsdp2, "ZeRO-2": _zero(2), "ZeRO-3": _zero(3)}
@@ -92,8 +132,14 @@ def overhead_worker(rank: int, world: int, engine_name: str, tokens: int, reps: 
     g = torch.Generator().manual_seed(rank)
     batch = torch.randint(0, 2048, (1, tokens), generator=g)
 
-    def train_step() -> float:
+    def train_step(counter: CollectiveCounter | None = None) -> float:
         dist.barrier()
+        if counter is not None:
+            with counter:
+                return run_step()
+        return run_step()
+
+    def run_step() -> float:
         t0 = time.perf_counter()
         logits = wrapped(batch)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), batch.view(-1))
@@ -108,12 +154,14 @@ def overhead_worker(rank: int, world: int, engine_name: str, tokens: int, reps: 
         return time.perf_counter() - t0
 
     on, off, gc_seconds, stats = [], [], [], None
+    count_on, count_off = CollectiveCounter(), CollectiveCounter()
     handle = attach(dist_gc.GCConfig())
     for i in range(reps + 1):
-        t_on = train_step()
+        # The last pair also counts collectives (outside the timed steps).
+        t_on = train_step(count_on if i == reps else None)
         stats = handle.stats
         handle.remove()
-        t_off = train_step()
+        t_off = train_step(count_off if i == reps else None)
         handle = attach(dist_gc.GCConfig())
         if i:  # the first pair is warm-up
             on.append(t_on)
@@ -125,6 +173,9 @@ def overhead_worker(rank: int, world: int, engine_name: str, tokens: int, reps: 
         "overhead_pct": 100 * (statistics.median(on) / statistics.median(off) - 1),
         "gc_pct_of_step": 100 * statistics.median(gc_seconds) / statistics.median(off),
         "gc_bytes_per_step": stats.bytes_communicated, "gc_collectives_per_step": stats.collectives,
+        # Counted at the torch.distributed API: GC-on step minus GC-off step.
+        "counted_extra_collectives": count_on.calls - count_off.calls,
+        "counted_extra_bytes": count_on.bytes - count_off.bytes,
         # Gradient payload the engine itself reduces per step (all-reduce or
         # reduce-scatter of every fp32 gradient element).
         "engine_grad_bytes_per_step": numel * 4,

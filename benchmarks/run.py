@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sections", default="engine,memory,overhead", help="comma list of engine,memory,overhead")
     ap.add_argument("--engines", default="DDP,FSDP2,ZeRO-2,ZeRO-3")
     ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--tokens", type=int, default=512, help="tokens per rank per step in the overhead benchmark")
+    ap.add_argument("--tokens", type=int, default=2048, help="tokens per rank per step in the overhead benchmark")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--no-results-md", action="store_true", help="don't rewrite benchmarks/RESULTS.md")
     args = ap.parse_args(argv)
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = bench_overhead(args.engines.split(","), args.tokens, args.reps)
         report["overhead"] = rows
         cols = ["engine", "world", "params", "tokens_per_rank", "step_off_ms", "step_on_ms", "overhead_pct", "gc_pct_of_step",
-                "gc_bytes_per_step", "gc_collectives_per_step", "engine_grad_bytes_per_step", "gc_bytes_fraction", "error"]
+                "gc_bytes_per_step", "gc_collectives_per_step", "counted_extra_collectives", "counted_extra_bytes", "engine_grad_bytes_per_step", "gc_bytes_fraction", "error"]
         md += ["### Step overhead and extra communication (W=2, gloo)", "", _table(rows, cols), ""]
     text = "\n".join(md)
     print(text)

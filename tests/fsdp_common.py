@@ -105,3 +105,36 @@ def assert_gc_matters(model_name: str, with_gc: dict[str, torch.Tensor], without
         diff = float((with_gc[n] - without[n]).abs().max())
         assert diff > MATTERS, f"{model_name}: GC changes {n} by only {diff:.2e}; the test could not tell GC from a no-op"
 
+
+
+def check_mixed_precision(case_id: str, gc: dict, none: dict, dims: dict[str, int], mode: str, fp32_grads: dict) -> None:
+    """GC exactness isolated from bf16 compute: the run without GC gives the engine's
+    own reduced gradient G (same bf16 computation); the GC run must equal the oracle
+    formula applied to G. Separately, G must be the fp32 oracle gradient up to bf16
+    compute error."""
+    want = centralize_like_oracle(none["grads"], dims, mode)
+    if gc["grad_dtype"] == "torch.float32":
+        # GC itself runs on fp32 gradients (FSDP1 casts them back to the fp32 master
+        # dtype; FSDP2 keeps them in the sharded parameter's dtype): fp32 statistics,
+        # fp32 result -> the fp32 bar.
+        tols = {n: FP32_TOL["atol"] for n in want}
+    else:
+        # bf16 gradients: means accumulated in fp32 (error ~1e-7 relative), the result
+        # rounded once to bf16: |err| <= u * |G - mean| with unit roundoff
+        # u = eps_bf16 / 2 = 2**-8. Bound it by eps_bf16 * max|G| (2x margin).
+        eps = torch.finfo(torch.bfloat16).eps
+        tols = {n: eps * float(none["grads"][n].abs().max()) for n in want}
+    for n in want:
+        torch.testing.assert_close(gc["grads"][n], want[n], rtol=0, atol=tols[n], msg=lambda m, n=n: f"{case_id}: {n}: {m}")
+    # Negative control on the same computation: naive GC is a no-op on 1-D shards
+    # (FSDP1) — the run without GC; it must miss by far more than the tolerance.
+    miss = max(float((none["grads"][n] - want[n]).abs().max()) / tols[n] for n in want)
+    assert miss > 10, f"{case_id}: no GC is within {miss:.1f}x the tolerance; the test cannot fail"
+    # bf16 compute (params, activations and their gradients rounded to bf16, unit
+    # roundoff u = 2**-8) through 6 layers forward and backward: relative gradient error
+    # up to ~12 roundings ~ 12 u of the largest gradient; the bf16 reduction adds one
+    # more rounding per rank. Bound: 16 u * max|G| per tensor.
+    u = torch.finfo(torch.bfloat16).eps / 2
+    for n, g in fp32_grads.items():
+        tol = 16 * u * float(g.abs().max()) + 1e-6
+        torch.testing.assert_close(none["grads"][n], g, rtol=0, atol=tol, msg=lambda m, n=n: f"{case_id} (no GC vs fp32 oracle): {n}: {m}")

@@ -12,7 +12,7 @@ from dist_gc import GCConfig, centralize_, geometry_of
 from dist_gc.core.centralize import add_sums_, subtract_means_
 from dist_gc.core.select import resolve_targets, detect_output_dims, clean_name
 from dist_gc.engine.layout import flat_regions, split_channels
-from tests.models import Conv1D, make_model
+from tests.models import make_model
 from tests.oracle import oracle_centralize
 
 SHAPES_DIMS = [((7, 13), 0), ((5, 3, 3, 3), 0), ((5, 4, 2, 2), 1), ((13, 7), -1), ((3, 4, 5), 1), ((6, 1), 0), ((2, 3, 4, 5), 2)]

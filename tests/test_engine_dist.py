@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_gc import GCConfig, geometry_of
+from dist_gc import geometry_of
 from dist_gc.engine import GCEngine, plan_flat_shard
 from tests.harness import run_distributed
 from tests.models import GCTestNet

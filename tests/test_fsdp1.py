@@ -26,7 +26,7 @@ from tests.fsdp_common import (
     assert_fails,
     assert_gc_matters,
     assert_matches,
-    centralize_like_oracle,
+    check_mixed_precision,
     naive_hook,
     oracle_grads,
     oracle_norm,
@@ -237,39 +237,7 @@ def _check(world_size: int, cases: list[Case], per_rank: list[list[dict]]) -> No
             assert all(r["hook_calls"] > 0 for r in results), f"{case.id}: the GC comm hook never ran"
             assert {(r["bytes"], r["collectives"]) for r in results} == {(0, 0)}, f"{case.id}: the pre-reduce hook must not communicate"
         if case.readout and case.variant == "gc":
-            _check_mixed_precision(case, r0, by_id[replace(case, variant="none").id][1][0], dims, oracle(case.model, None, None, "grads"))
-
-
-def _check_mixed_precision(case: Case, gc: dict, none: dict, dims: dict, fp32_grads: dict) -> None:
-    """GC exactness isolated from bf16 compute: the run without GC gives the engine's
-    own reduced gradient G (same bf16 computation); the GC run must equal the oracle
-    formula applied to G. Separately, G must be the fp32 oracle gradient up to bf16
-    compute error."""
-    want = centralize_like_oracle(none["grads"], dims, case.mode)
-    if gc["grad_dtype"] == "torch.float32":
-        # GC itself runs on fp32 gradients (FSDP casts them back to the fp32 master
-        # dtype): fp32 statistics, fp32 result -> the fp32 bar.
-        tols = {n: FP32_TOL["atol"] for n in want}
-    else:
-        # bf16 gradients: means accumulated in fp32 (error ~1e-7 relative), the result
-        # rounded once to bf16: |err| <= u * |G - mean| with unit roundoff
-        # u = eps_bf16 / 2 = 2**-8. Bound it by eps_bf16 * max|G| (2x margin).
-        eps = torch.finfo(torch.bfloat16).eps
-        tols = {n: eps * float(none["grads"][n].abs().max()) for n in want}
-    for n in want:
-        torch.testing.assert_close(gc["grads"][n], want[n], rtol=0, atol=tols[n], msg=lambda m, n=n: f"{case.id}: {n}: {m}")
-    # Negative control on the same computation: naive GC is a no-op on FSDP1's 1-D
-    # shards, i.e. the run without GC; it must miss by far more than the tolerance.
-    miss = max(float((none["grads"][n] - want[n]).abs().max()) / tols[n] for n in want)
-    assert miss > 10, f"{case.id}: naive (no-op) GC is within {miss:.1f}x the tolerance; the test cannot fail"
-    # bf16 compute (params, activations and their gradients rounded to bf16, unit
-    # roundoff u = 2**-8) through 6 layers forward and backward: relative gradient error
-    # up to ~12 roundings ~ 12 u ~ 0.05 of the largest gradient; the bf16 reduction
-    # adds one more rounding per rank. Bound: 16 u * max|G| per tensor.
-    u = torch.finfo(torch.bfloat16).eps / 2
-    for n, g in fp32_grads.items():
-        tol = 16 * u * float(g.abs().max()) + 1e-6
-        torch.testing.assert_close(none["grads"][n], g, rtol=0, atol=tol, msg=lambda m, n=n: f"{case.id} (no GC vs fp32 oracle): {n}: {m}")
+            check_mixed_precision(case.id, r0, by_id[replace(case, variant="none").id][1][0], dims, case.mode, oracle(case.model, None, None, "grads"))
 
 
 # ----------------------------------------------------------------------------- tests

@@ -25,7 +25,7 @@ from tests.fsdp_common import (
     assert_fails,
     assert_gc_matters,
     assert_matches,
-    centralize_like_oracle,
+    check_mixed_precision,
     naive_hook,
     oracle_grads,
     oracle_norm,
@@ -249,7 +249,7 @@ def _check(cases: list[Case], per_rank: list[dict]) -> None:
             _check_traffic(case, results)
         if case.readout and case.variant == "gc":
             none = by_id[replace(case, variant="none").id][1][0]
-            _check_mixed_precision(case, r0, none, oracle(case, "grads", gc=False))
+            check_mixed_precision(case.id, r0, none, case.dims, case.mode, oracle(case, "grads", gc=False))
     for r in per_rank:
         msg = r["refusals"]["partial"]
         assert "'0'" in msg or "param_groups[0][0]" in msg, f"Partial placement was not refused naming the parameter: {msg!r}"
@@ -270,33 +270,6 @@ def _check_traffic(case: Case, results: list[dict]) -> None:
         # FSDP + TP: one all-reduce over the TP axis (RowwiseParallel cuts dim 1) and one
         # over the FSDP axis (Conv1D's averaged dim 0, and all axes in tensor mode).
         assert {c for _, c in got} == {2}, f"{case.id}: expected one all-reduce per mesh axis, got {got}"
-
-
-def _check_mixed_precision(case: Case, gc: dict, none: dict, fp32_grads: dict) -> None:
-    """As in the FSDP1 tests: GC must equal the oracle formula applied to the engine's
-    own gradient from the identical run without GC, and that gradient must be the fp32
-    oracle's up to bf16 compute error."""
-    want = centralize_like_oracle(none["grads"], case.dims, case.mode)
-    if gc["grad_dtype"] == "torch.float32":
-        # FSDP2 reduces and keeps the gradient in the sharded parameter's dtype (fp32):
-        # fp32 statistics and result -> the fp32 bar.
-        tols = {n: FP32_TOL["atol"] for n in want}
-    else:
-        # bf16 model: means in fp32, result rounded once to bf16 (unit roundoff
-        # u = eps/2): |err| <= u * |G - mean| <= eps_bf16 * max|G| with 2x margin.
-        eps = torch.finfo(torch.bfloat16).eps
-        tols = {n: eps * float(none["grads"][n].abs().max()) for n in want}
-    for n in want:
-        torch.testing.assert_close(gc["grads"][n], want[n], rtol=0, atol=tols[n], msg=lambda m, n=n: f"{case.id}: {n}: {m}")
-    miss = max(float((none["grads"][n] - want[n]).abs().max()) / tols[n] for n in want)
-    assert miss > 10, f"{case.id}: no GC is within {miss:.1f}x the tolerance; the test cannot fail"
-    # bf16 compute through 6 layers forward and backward (and, for the bf16 model, bf16
-    # parameters and SGD state): ~12 roundings of unit roundoff u = 2**-8 -> bound the
-    # gradient error by 16 u * max|G| per tensor.
-    u = torch.finfo(torch.bfloat16).eps / 2
-    for n, g in fp32_grads.items():
-        tol = 16 * u * float(g.abs().max()) + 1e-6
-        torch.testing.assert_close(none["grads"][n], g, rtol=0, atol=tol, msg=lambda m, n=n: f"{case.id} (no GC vs fp32 oracle): {n}: {m}")
 
 
 # ----------------------------------------------------------------------------- layout

@@ -17,7 +17,7 @@ import torch
 from ..core.select import Target
 from ..engine.layout import TensorPlan
 
-__all__ = ["Binding", "ADAPTERS", "bind"]
+__all__ = ["Binding", "ADAPTERS", "bind", "warn_if_untested"]
 
 #: Adapter modules, most specific first; ``plain`` (any torch optimizer) is last.
 #: ``accelerate`` comes first: its wrapper subclasses ``torch.optim.Optimizer`` without
@@ -55,6 +55,19 @@ class Binding:
     phase: Callable[[torch.optim.Optimizer], int] | None = None
     """With ``phases``: which phase the optimizer is stepping now (called in its step
     pre-hook). Every rank must step the phases in the same order (collectives match)."""
+
+
+def warn_if_untested(package: str, version: str, tested: tuple[str, ...], safeguard: str) -> None:
+    """Warn (once per call site) when ``package`` is not a ``major.minor`` version the
+    adapter was tested with. Internals the adapter does not recognise raise separately;
+    ``safeguard`` says what still protects an untested version."""
+    if not any(version == v or version.startswith(v + ".") for v in tested):
+        import warnings
+
+        warnings.warn(
+            f"dist_gc: {package} {version} is untested (tested: {', '.join(v + '.x' for v in tested)}); {safeguard}",
+            stacklevel=4,
+        )
 
 
 def bind(target: Any, model: Any, config: Any) -> Binding:

@@ -20,7 +20,7 @@ import sys
 from typing import Any
 
 from ..core.config import GCConfig
-from . import Binding
+from . import Binding, warn_if_untested
 
 __all__ = ["bind", "TESTED_VERSIONS"]
 
@@ -40,6 +40,7 @@ def bind(target: Any, model: Any, config: GCConfig) -> Binding | None:
             f"dist_gc.attach: got accelerate's {type(target).__name__}; expected the AcceleratedOptimizer that "
             "accelerator.prepare returned"
         )
+    _check_version()
     inner = getattr(target, "optimizer", None)
     if inner is None:
         raise ValueError(f"dist_gc.attach: accelerate's {type(target).__name__} holds no .optimizer (unknown accelerate internals)")
@@ -55,6 +56,12 @@ def bind(target: Any, model: Any, config: GCConfig) -> Binding | None:
         binding = bind_any(inner, model, config)
     binding.engine = f"accelerate/{binding.engine}"
     return binding
+
+
+def _check_version() -> None:
+    import accelerate
+
+    warn_if_untested("accelerate", accelerate.__version__, TESTED_VERSIONS, "its wrappers are unwrapped through .optimizer, which is checked")
 
 
 def _deepspeed_engine(model: Any) -> Any:

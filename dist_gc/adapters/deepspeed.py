@@ -33,7 +33,6 @@ every rank. Configurations that are not supported raise ``ValueError`` naming th
 from __future__ import annotations
 
 import sys
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -44,7 +43,7 @@ from ..core.config import GCConfig
 from ..core.select import clean_name, detect_output_dims, resolve_targets
 from ..engine.engine import GCEngine
 from ..engine.layout import TensorPlan, flat_regions, plan_flat_shard, plan_full_tensor
-from . import Binding
+from . import Binding, warn_if_untested
 
 __all__ = ["bind", "TESTED_VERSIONS", "equal_partition_ranges"]
 
@@ -111,13 +110,7 @@ def _require(obj: Any, what: str, attrs: Sequence[str]) -> None:
 def _check_version() -> None:
     import deepspeed
 
-    version = deepspeed.__version__
-    if not any(version == v or version.startswith(v + ".") for v in TESTED_VERSIONS):
-        warnings.warn(
-            f"dist_gc: DeepSpeed {version} is untested (tested: {', '.join(v + '.x' for v in TESTED_VERSIONS)}); "
-            "the partition layout is still verified against parameter values at attach time",
-            stacklevel=4,
-        )
+    warn_if_untested("DeepSpeed", deepspeed.__version__, TESTED_VERSIONS, "the partition layout is still verified against parameter values at attach time")
 
 
 def _refuse(engine: Any, stage: int) -> None:

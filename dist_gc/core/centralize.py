@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-__all__ = ["Geometry", "geometry_of", "centralize_", "add_sums_", "subtract_means_", "DEFAULT_TEMP_BYTES"]
+__all__ = ["Geometry", "geometry_of", "centralize_", "add_sums_", "subtract_means_", "scratch_for", "DEFAULT_TEMP_BYTES"]
 
 #: Temporaries made by low-precision subtraction are bounded by this many bytes
 #: (the engine raises it to 1% of the local gradient shard when that is larger).
@@ -89,26 +89,44 @@ def is_small(x: torch.Tensor, limit_bytes: int = DEFAULT_TEMP_BYTES) -> bool:
     return x.dtype in _WIDE or x.numel() <= limit_bytes // 64
 
 
-def add_sums_(x: torch.Tensor, sums: torch.Tensor, limit_bytes: int = DEFAULT_TEMP_BYTES) -> None:
+def _as_fp32(xc: torch.Tensor, scratch: torch.Tensor | None) -> torch.Tensor:
+    """An fp32 copy of ``xc``, in ``scratch`` when given (reused across chunks: no
+    allocation, and on CPU no fresh pages to fault in, per chunk)."""
+    if scratch is None:
+        return xc.float()
+    return scratch[: xc.numel()].view(xc.shape).copy_(xc)
+
+
+def scratch_for(x: torch.Tensor, limit_bytes: int = DEFAULT_TEMP_BYTES) -> torch.Tensor | None:
+    """A reusable fp32 buffer for the chunked path of ``x`` (``None`` when ``x`` needs
+    no chunking). Its size is one chunk: at most half of ``limit_bytes``."""
+    if is_small(x, limit_bytes):
+        return None
+    return torch.empty(min(x.numel(), _chunk_elems(limit_bytes)), dtype=torch.float32, device=x.device)
+
+
+def add_sums_(x: torch.Tensor, sums: torch.Tensor, limit_bytes: int = DEFAULT_TEMP_BYTES, scratch: torch.Tensor | None = None) -> None:
     """``sums += x`` reduced (in fp32) over every dim where ``sums`` has size 1.
 
-    ``sums`` is an fp32 view with ``x.dim()`` dims, broadcastable to ``x``."""
+    ``sums`` is an fp32 view with ``x.dim()`` dims, broadcastable to ``x``.
+    ``scratch``: optional fp32 buffer of at least one chunk (see :func:`scratch_for`)."""
     dims = tuple(i for i in range(x.dim()) if sums.size(i) == 1)
     if is_small(x, limit_bytes):
         sums.add_(x.sum(dims, keepdim=True, dtype=torch.float32) if dims else x.float())
         return
     for xc, sc in _chunks(x, sums, _chunk_elems(limit_bytes)):
-        sc.add_(xc.float().sum(dims, keepdim=True) if dims else xc.float())
+        xf = _as_fp32(xc, scratch)
+        sc.add_(xf.sum(dims, keepdim=True) if dims else xf)
 
 
-def subtract_means_(x: torch.Tensor, means: torch.Tensor, limit_bytes: int = DEFAULT_TEMP_BYTES) -> None:
+def subtract_means_(x: torch.Tensor, means: torch.Tensor, limit_bytes: int = DEFAULT_TEMP_BYTES, scratch: torch.Tensor | None = None) -> None:
     """``x -= means`` in place, computed in fp32 (``means`` is fp32) and rounded once
     to ``x.dtype``."""
     if is_small(x, limit_bytes):
         x.sub_(means)
         return
     for xc, mc in _chunks(x, means, _chunk_elems(limit_bytes)):
-        xc.copy_(xc.float().sub_(mc))
+        xc.copy_(_as_fp32(xc, scratch).sub_(mc))
 
 
 def centralize_(tensor: torch.Tensor, *, mode: str = "channel", output_dim: int = 0) -> torch.Tensor:
@@ -132,6 +150,7 @@ def centralize_(tensor: torch.Tensor, *, mode: str = "channel", output_dim: int 
     if mode == "channel":
         shape[normalize_dim(output_dim, tensor.dim())] = geo.channels
     sums = torch.zeros(shape, dtype=torch.float32, device=tensor.device)
-    add_sums_(tensor, sums)
-    subtract_means_(tensor, sums.div_(geo.count))
+    scratch = scratch_for(tensor)
+    add_sums_(tensor, sums, scratch=scratch)
+    subtract_means_(tensor, sums.div_(geo.count), scratch=scratch)
     return tensor

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from ..core.centralize import DEFAULT_TEMP_BYTES, add_sums_, is_small, subtract_means_
+from ..core.centralize import DEFAULT_TEMP_BYTES, add_sums_, is_small, scratch_for, subtract_means_
 from .layout import Region, TensorPlan
 
 __all__ = ["GCEngine", "GCStats"]
@@ -97,22 +97,33 @@ class GCEngine:
         self._stat_keys: list[tuple[Any, ...]] = list(dict.fromkeys([(), *(p.partition_groups for p in self.plans)]))
         self._stat_slot = [self._stat_keys.index(p.partition_groups) for p in self.plans]
         self._items = self._compile()
+        # Divisors applied after the collectives: final regions were divided already.
+        deferred = list(counts)
+        for _, lo, hi, *_, final in self._items:
+            if final:
+                deferred[lo:hi] = [1.0] * (hi - lo)
+        self._deferred_counts = torch.tensor(deferred, dtype=torch.float32)
+        self._counts_host = counts
         self._device: torch.device | None = None
         self._buffers: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}
         self.steps = 0
 
-    def _compile(self) -> list[tuple[Region, int, int, tuple[int, ...], bool, int]]:
+    def _compile(self) -> list[tuple[Region, int, int, tuple[int, ...], bool, int, bool]]:
         """Flatten plans into per-region items: (region, sums lo, sums hi, averaged
-        dims, exclusive, stats slot). A region is *exclusive* when no other region of
-        this rank writes its sums slice; its partial sums can then be written with one
-        ``sum(out=...)`` call — per tensor, as few kernel calls as the per-tensor loop."""
+        dims, exclusive, stats slot, final). A region is *exclusive* when no other region
+        of this rank writes its sums slice; its partial sums can then be written with
+        one ``sum(out=...)`` call — per tensor, as few kernel calls as the per-tensor
+        loop. It is *final* when, moreover, no collective completes that slice: its means
+        are known as soon as it is summed, so it is centralized right away while it is
+        still in cache (whole tensors, and whole rows inside a shard)."""
         items = []
         for plan, base, slot in zip(self.plans, self.offsets, self._stat_slot):
             spans = [(r.sum_lo, r.sum_hi) for r in plan.regions]
             for r in plan.regions:
                 overlaps = sum(1 for lo, hi in spans if lo < r.sum_hi and r.sum_lo < hi)
+                reduced = any(red.lo < r.sum_hi and r.sum_lo < red.hi for red in plan.reductions)
                 dims = tuple(i for i, b in enumerate(r.bshape) if b == 1)
-                items.append((r, base + r.sum_lo, base + r.sum_hi, dims, overlaps == 1 and bool(dims), slot))
+                items.append((r, base + r.sum_lo, base + r.sum_hi, dims, overlaps == 1 and bool(dims), slot, overlaps == 1 and not reduced))
         return items
 
     def _buffer(self, key: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -153,23 +164,35 @@ class GCEngine:
             return g
         return g.view(-1)[region.lo : region.hi].view(region.shape)
 
-    def _accumulate(self, grads: list[torch.Tensor | None], key: str) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+    def _accumulate(self, grads: list[torch.Tensor | None], key: str, fuse: bool = False) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
         """Partial channel sums of every region into the ``key`` buffer. With
-        ``full_stats`` also the squared norm per stats slot (see ``_stat_keys``)."""
+        ``full_stats`` also the squared norm per stats slot (see ``_stat_keys``). With
+        ``fuse``, final regions are centralized right after their sums (their slice of
+        the buffer then holds means)."""
         sums, views = self._buffer(key)
         sums.zero_()
         sq = torch.zeros(len(self._stat_keys), dtype=torch.float64) if self.full_stats else None
-        for (r, _, _, dims, exclusive, slot), view in zip(self._items, views):
+        scratch: torch.Tensor | None = None  # one fp32 chunk buffer, reused for the step
+        for (r, lo, _, dims, exclusive, slot, final), view in zip(self._items, views):
             x = self._views(grads, r)
             if x is None:
                 continue
-            if exclusive and is_small(x, self.temp_limit_bytes):
+            small = is_small(x, self.temp_limit_bytes)
+            if not small and (scratch is None or scratch.numel() < min(x.numel(), self.temp_limit_bytes // 8)):
+                scratch = scratch_for(x, self.temp_limit_bytes)
+            if exclusive and small:
                 torch.sum(x, dims, keepdim=True, dtype=torch.float32, out=view)
             else:
-                add_sums_(x, view, self.temp_limit_bytes)
+                add_sums_(x, view, self.temp_limit_bytes, scratch)
             if sq is not None:
                 sq[slot] += float(torch.linalg.vector_norm(x, dtype=torch.float32)) ** 2
+            if fuse and final:
+                view.div_(self._count_of(lo))
+                subtract_means_(x, view, self.temp_limit_bytes, scratch)
         return sums, views, sq
+
+    def _count_of(self, lo: int) -> float:
+        return float(self._counts_host[lo])
 
     def _reduce(self, sums: torch.Tensor, stats: GCStats) -> None:
         # One collective per group per step, in the same order on every rank (the
@@ -192,19 +215,23 @@ class GCEngine:
         grads = [src() for src in self.sources]
         device = next((g.device for g in grads if g is not None), self._device or torch.device("cpu"))
         if self._device != device:
-            self._device, self._counts, self._buffers = device, self._counts.to(device), {}
+            self._device, self._buffers = device, {}
+            self._counts, self._deferred_counts = self._counts.to(device), self._deferred_counts.to(device)
         for g in grads:
             if g is not None and g.is_sparse:
                 raise RuntimeError("dist_gc: sparse gradients are not supported (use a dense nn.Embedding)")
-        sums, means_views, sq_before = self._accumulate(grads, "before")
+        sums, means_views, sq_before = self._accumulate(grads, "before", fuse=True)
         self._reduce(sums, stats)
-        means = sums.div_(self._counts)  # in place: the cached views now hold means
+        means = sums.div_(self._deferred_counts)  # in place: the cached views now hold means
         stats.max_abs_mean_before = float(means.abs().max()) if means.numel() else 0.0
-        for (r, *_), m in zip(self._items, means_views):
-            x = self._views(grads, r)
+        scratch: torch.Tensor | None = None
+        for (r, *_, final), m in zip(self._items, means_views):
+            x = None if final else self._views(grads, r)
             if x is None:
                 continue
-            subtract_means_(x, m, self.temp_limit_bytes)
+            if not is_small(x, self.temp_limit_bytes) and scratch is None:
+                scratch = scratch_for(x, self.temp_limit_bytes)
+            subtract_means_(x, m, self.temp_limit_bytes, scratch)
         if self.full_stats:
             self._measure_after(grads, sq_before, stats)
         self.steps += 1
