@@ -488,14 +488,17 @@ def run_config_checks(rank: int, world: int, config_dir: str, with_cpu_adam: boo
             continue
         cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"] = 12 // world, 1
         cfg.pop("train_batch_size", None)
-        if not with_fused_adam and "offload_optimizer" not in cfg["zero_optimization"]:
+        if "optimizer" in cfg and not with_fused_adam and "offload_optimizer" not in cfg["zero_optimization"]:
             cfg["optimizer"]["params"]["torch_adam"] = True  # FusedAdam's CPU op unavailable here
         local = os.path.join(config_dir, f"{rank}_{fname}")
         with open(local, "w") as f:
             json.dump(cfg, f)
         case = {"stage": cfg["zero_optimization"]["stage"], "dtype": "bf16" if cfg.get("bf16", {}).get("enabled") else "fp32"}
         model = make_case_model(case)
-        engine = dist_gc.deepspeed.initialize(model=model, model_parameters=model.parameters(), config=local)[0]
+        if "optimizer" in cfg:
+            engine = dist_gc.deepspeed.initialize(model=model, model_parameters=model.parameters(), config=local)[0]
+        else:  # the accelerate_*.json configs: the script's own torch optimizer
+            engine = dist_gc.deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1e-3), config=local)[0]
         train_step(engine, case, rank, world)
         h = engine.dist_gc
         res["examples"][fname] = (h.binding.engine, h.engine.steps, len(h.stats.centralized))
