@@ -178,8 +178,8 @@ class GCEngine:
             if x is None:
                 continue
             small = is_small(x, self.temp_limit_bytes)
-            if not small and (scratch is None or scratch.numel() < min(x.numel(), self.temp_limit_bytes // 8)):
-                scratch = scratch_for(x, self.temp_limit_bytes)
+            if not small:
+                scratch = scratch_for(x, self.temp_limit_bytes, scratch)
             if exclusive and small:
                 torch.sum(x, dims, keepdim=True, dtype=torch.float32, out=view)
             else:
@@ -229,8 +229,8 @@ class GCEngine:
             x = None if final else self._views(grads, r)
             if x is None:
                 continue
-            if not is_small(x, self.temp_limit_bytes) and scratch is None:
-                scratch = scratch_for(x, self.temp_limit_bytes)
+            if not is_small(x, self.temp_limit_bytes):
+                scratch = scratch_for(x, self.temp_limit_bytes, scratch)
             subtract_means_(x, m, self.temp_limit_bytes, scratch)
         if self.full_stats:
             self._measure_after(grads, sq_before, stats)
