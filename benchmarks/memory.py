@@ -1,5 +1,9 @@
 """Peak extra memory of one GC step, measured as the growth of the process's peak
-resident set (``ru_maxrss``) in a fresh subprocess, against the gradient bytes."""
+resident set in a fresh subprocess, against the gradient bytes.
+
+Linux resets the peak (``VmHWM``) when "5" is written to ``/proc/self/clear_refs``:
+reset right before the step, so set-up transients (random init) cannot hide GC's own
+temporaries; extra = ``VmHWM`` after the step - ``VmRSS`` before it."""
 
 from __future__ import annotations
 
@@ -7,11 +11,18 @@ import json
 import math
 import os
 
-import resource
 import subprocess
 import sys
 
 import torch
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/self/status")
 
 
 def _child(numel: int, dtype_name: str, layout: str) -> dict:
@@ -39,9 +50,11 @@ def _child(numel: int, dtype_name: str, layout: str) -> dict:
     engine = GCEngine(plans, [lambda: src])
     small = torch.zeros(1024)
     small.add_(1)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak RSS counter
+    base = _status_kib("VmRSS") * 1024
     engine.step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _status_kib("VmHWM") * 1024
     grad_bytes = src.numel() * src.element_size()
     return {"layout": layout, "dtype": dtype_name, "grad_MB": grad_bytes / 2**20, "extra_MB": (peak - base) / 2**20,
             "bound_MB": max(64.0, grad_bytes / 100 / 2**20)}
