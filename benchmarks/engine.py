@@ -34,6 +34,9 @@ PRESETS = {
     "cpu": dict(vocab=32000, hidden=1024, inter=2816, layers=5),
     # ~1.2B parameters, 290 tensors.
     "gpu": dict(vocab=32000, hidden=2048, inter=5632, layers=32),
+    # Many small tensors: 1,051 >= 2-D tensors of 16K-45K elements (~30M parameters),
+    # where per-tensor overheads (CPU calls, GPU launches) dominate.
+    "many": dict(vocab=512, hidden=128, inter=352, layers=150),
     # Small, for smoke tests.
     "tiny": dict(vocab=512, hidden=64, inter=176, layers=2),
 }
@@ -86,7 +89,7 @@ def bench_engine(preset: str = "cpu", reps: int = 7, device: str = "cpu", dtype:
 
         src, dst = flat_all[:gc_numel], copy_dst[:gc_numel]
         t = measure({"dist_gc": engine.step, "per_tensor_loop": per_tensor_loop, "copy": lambda: dst.copy_(src)}, reps, sync)
-        rows.append(_row("full tensors", mode, dtype, len(targets), gc_bytes, t))
+        rows.append(_row("full tensors", mode, dtype, len(targets), gc_bytes, t, preset))
         # --- 1-D shard of rank 1 of `shard_world` (ZeRO-1/2 / FSDP1 concat layout)
         total = sum(math.prod(s) for _, _, s in targets)
         part = math.ceil(total / shard_world)
@@ -107,7 +110,7 @@ def bench_engine(preset: str = "cpu", reps: int = 7, device: str = "cpu", dtype:
         sengine = GCEngine([_local_only(p) for p in splans], [lambda: shard])
         sdst = torch.empty_like(shard)
         t = measure({"dist_gc": sengine.step, "copy": lambda: sdst.copy_(shard)}, reps, sync)
-        rows.append(_row(f"1-D shard (rank {rank}/{shard_world})", mode, dtype, len(targets), shard.numel() * shard.element_size(), t))
+        rows.append(_row(f"1-D shard (rank {rank}/{shard_world})", mode, dtype, len(targets), shard.numel() * shard.element_size(), t, preset))
     return rows
 
 
@@ -118,9 +121,9 @@ def _local_only(plan):
     return replace(plan, reductions=(), partition_groups=())
 
 
-def _row(layout: str, mode: str, dtype: torch.dtype, tensors: int, nbytes: int, t: dict[str, float]) -> dict:
+def _row(layout: str, mode: str, dtype: torch.dtype, tensors: int, nbytes: int, t: dict[str, float], preset: str) -> dict:
     row = {
-        "layout": layout, "mode": mode, "dtype": str(dtype).replace("torch.", ""), "tensors": tensors, "MB": nbytes / 1e6,
+        "set": preset, "layout": layout, "mode": mode, "dtype": str(dtype).replace("torch.", ""), "tensors": tensors, "MB": nbytes / 1e6,
         "dist_gc_ms": t["dist_gc"] * 1e3, "copy_ms": t["copy"] * 1e3,
         "dist_gc_vs_copy": t["dist_gc"] / t["copy"],
         # GC must read the gradient twice and write it once; a copy reads once and

@@ -55,14 +55,14 @@ def _plot(engine_rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['layout']}\n{r['mode']}" for r in engine_rows]
-    fig, ax = plt.subplots(figsize=(8, 4))
+    labels = [f"{r['set']} {r['dtype']}\n{r['layout'].split(' (')[0]}\n{r['mode']}" for r in engine_rows]
+    fig, ax = plt.subplots(figsize=(max(8, len(engine_rows) * 0.9), 4.5))
     x = range(len(engine_rows))
     ax.bar([i - 0.2 for i in x], [r["dist_gc_vs_copy"] for r in engine_rows], 0.4, label="dist_gc / copy")
     ax.bar([i + 0.2 for i in x], [r.get("loop_ms", float("nan")) / r["copy_ms"] for r in engine_rows], 0.4, label="per-tensor loop / copy")
     ax.axhline(1.5, color="k", ls="--", lw=1, label="bandwidth floor (1.5x copy)")
     ax.axhline(2.0, color="r", ls=":", lw=1, label="target (2x copy)")
-    ax.set_xticks(list(x), labels, fontsize=8)
+    ax.set_xticks(list(x), labels, fontsize=6)
     ax.set_ylabel("time / copy of the same bytes")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -72,7 +72,7 @@ def _plot(engine_rows: list[dict], path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--preset", default=None, help="gradient set: cpu (~97M params), gpu (~1.2B), tiny")
+    ap.add_argument("--preset", default=None, help="comma list of gradient sets: cpu (~97M params), gpu (~1.2B), many (1,051 small tensors), tiny")
     ap.add_argument("--sections", default="engine,memory,overhead", help="comma list of engine,memory,overhead")
     ap.add_argument("--engines", default="DDP,FSDP2,ZeRO-2,ZeRO-3")
     ap.add_argument("--reps", type=int, default=7)
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--no-results-md", action="store_true", help="don't rewrite benchmarks/RESULTS.md")
     args = ap.parse_args(argv)
-    preset = args.preset or ("gpu" if args.device.startswith("cuda") else "cpu")
+    preset = args.preset or ("gpu,many" if args.device.startswith("cuda") else "cpu,many")
     sections = args.sections.split(",")
     os.makedirs(args.out, exist_ok=True)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
@@ -89,10 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     md = [f"## {args.device.upper()} — {device_name}", "", f"`{report['command']}` (torch {torch.__version__}, {report['date']})", ""]
     if "engine" in sections:
         rows = []
-        for dtype in (torch.float32, torch.bfloat16):
-            rows += bench_engine(preset, args.reps, args.device, dtype)
+        for name in preset.split(","):
+            for dtype in (torch.float32, torch.bfloat16):
+                rows += bench_engine(name, args.reps, args.device, dtype)
         report["engine"] = rows
-        cols = ["layout", "mode", "dtype", "tensors", "MB", "dist_gc_ms", "copy_ms", "loop_ms", "dist_gc_vs_copy", "pct_of_limit", "speedup_vs_loop"]
+        cols = ["set", "layout", "mode", "dtype", "tensors", "MB", "dist_gc_ms", "copy_ms", "loop_ms", "dist_gc_vs_copy", "pct_of_limit", "speedup_vs_loop"]
         md += ["### Engine throughput (Llama-style gradient set, preset " + preset + ")", "", _table(rows, cols), ""]
         _plot(rows, os.path.join(args.out, f"engine_{args.device.split(':')[0]}.png"))
     if "memory" in sections and args.device == "cpu":

@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-__all__ = ["Geometry", "geometry_of", "centralize_", "add_sums_", "subtract_means_", "scratch_for", "DEFAULT_TEMP_BYTES"]
+__all__ = ["Geometry", "geometry_of", "centralize_", "add_sums_", "subtract_means_", "scratch_for", "centralize_in_one_pass_", "DEFAULT_TEMP_BYTES"]
 
 #: Temporaries made by low-precision subtraction are bounded by this many bytes
 #: (the engine raises it to 1% of the local gradient shard when that is larger).
@@ -149,6 +149,25 @@ def subtract_means_(x: torch.Tensor, means: torch.Tensor, limit_bytes: int = DEF
         return
     for xc, mc in _chunks(x, means, _chunk_elems(limit_bytes, x.device)):
         xc.copy_(_as_fp32(xc, scratch).sub_(mc))
+
+
+def centralize_in_one_pass_(x: torch.Tensor, means: torch.Tensor, dims: tuple[int, ...], limit_bytes: int = DEFAULT_TEMP_BYTES,
+                            scratch: torch.Tensor | None = None) -> bool:
+    """When ``x`` holds whole channels (its means need nothing from elsewhere) and fits in
+    one chunk: write its fp32 means over ``dims`` into ``means`` and subtract them, with
+    as few kernels as ``x.sub_(x.mean(dims, keepdim=True))`` (plus one cast each way
+    for 16-bit ``x``, in ``scratch``). Returns False, doing nothing, when ``x`` needs
+    the chunked path."""
+    if is_small(x, limit_bytes):
+        torch.mean(x, dims, keepdim=True, dtype=torch.float32, out=means)
+        x.sub_(means)
+        return True
+    if scratch is None or scratch.numel() < x.numel():
+        return False
+    xf = _as_fp32(x, scratch)
+    torch.mean(xf, dims, keepdim=True, out=means)
+    x.copy_(xf.sub_(means))
+    return True
 
 
 def centralize_(tensor: torch.Tensor, *, mode: str = "channel", output_dim: int = 0) -> torch.Tensor:

@@ -12,6 +12,7 @@ is independent of tensor sizes and is reported in :attr:`GCStats.bytes_communica
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
@@ -19,7 +20,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from ..core.centralize import DEFAULT_TEMP_BYTES, add_sums_, is_small, scratch_for, subtract_means_
+from ..core.centralize import DEFAULT_TEMP_BYTES, add_sums_, centralize_in_one_pass_, is_small, scratch_for, subtract_means_
 from .layout import Region, TensorPlan
 
 __all__ = ["GCEngine", "GCStats"]
@@ -63,6 +64,13 @@ class _Bucket:
         self.group, self.slices, self.size, self.index = group, [], 0, None
 
 
+#: Batching of small final regions (see ``GCEngine._compile_batches``): tensors up to
+#: this many elements, batches up to one CPU chunk.
+BATCH_MAX_TENSOR_ELEMS = 2**16
+BATCH_MAX_ELEMS = 2**20
+_BATCH_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 class GCEngine:
     """Runs GC over a fixed set of :class:`TensorPlan` s.
 
@@ -104,6 +112,7 @@ class GCEngine:
                 deferred[lo:hi] = [1.0] * (hi - lo)
         self._deferred_counts = torch.tensor(deferred, dtype=torch.float32)
         self._counts_host = counts
+        self._batches = self._compile_batches()
         self._device: torch.device | None = None
         self._buffers: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}
         self.steps = 0
@@ -117,14 +126,71 @@ class GCEngine:
         are known as soon as it is summed, so it is centralized right away while it is
         still in cache (whole tensors, and whole rows inside a shard)."""
         items = []
+        self._numels: list[int] = []
         for plan, base, slot in zip(self.plans, self.offsets, self._stat_slot):
             spans = [(r.sum_lo, r.sum_hi) for r in plan.regions]
             for r in plan.regions:
+                g = plan.geometry
+                self._numels.append(g.outer * g.channels * g.inner if r.shape is None else math.prod(r.shape))
                 overlaps = sum(1 for lo, hi in spans if lo < r.sum_hi and r.sum_lo < hi)
                 reduced = any(red.lo < r.sum_hi and r.sum_lo < red.hi for red in plan.reductions)
                 dims = tuple(i for i, b in enumerate(r.bshape) if b == 1)
                 items.append((r, base + r.sum_lo, base + r.sum_hi, dims, overlaps == 1 and bool(dims), slot, overlaps == 1 and not reduced))
         return items
+
+    def _compile_batches(self) -> dict[int, tuple[list[int], int, int, int]]:
+        """Runs of small final regions centralized together, keyed by the first item:
+        (item indices, segment length, sums lo, sums hi).
+
+        Why: per tensor the loop ``g.sub_(g.mean(...))`` costs two kernel calls (plus a
+        cast each way for 16-bit gradients), which dominates for many small tensors —
+        on CPU through per-call overhead, on GPUs through launches. A run of consecutive
+        regions whose channels are contiguous segments of one common length, and whose
+        sums slices are adjacent, is concatenated into one fp32 buffer (at most one CPU
+        chunk), viewed as ``(segments, length)``, centralized with one mean and one
+        subtraction, and copied back with one multi-tensor copy."""
+        batches: dict[int, tuple[list[int], int, int, int]] = {}
+        run: list[int] = []
+        seglen = total = 0
+
+        def close() -> None:
+            if len(run) > 1:
+                batches[run[0]] = (list(run), seglen, self._items[run[0]][1], self._items[run[-1]][2])
+            run.clear()
+
+        for k, (r, lo, hi, _, exclusive, _, final) in enumerate(self._items):
+            numel = self._numels[k]
+            segs = hi - lo
+            ok = (final and exclusive and 0 < numel <= BATCH_MAX_TENSOR_ELEMS and segs > 0 and numel % segs == 0
+                  and r.bshape[0] == segs and all(b == 1 for b in r.bshape[1:]))
+            length = numel // segs if ok else 0
+            if not ok or not run or length != seglen or lo != self._items[run[-1]][2] or total + numel > BATCH_MAX_ELEMS:
+                close()
+                total = 0
+            if ok:
+                run.append(k)
+                seglen, total = length, total + numel
+        close()
+        return batches
+
+    def _centralize_batch(self, grads: list[torch.Tensor | None], sums: torch.Tensor, batch: tuple[list[int], int, int, int]) -> bool:
+        """Centralize one batch (see :meth:`_compile_batches`); False if this step's
+        gradients do not allow it (a missing gradient, mixed or fp64 dtypes)."""
+        idx, seglen, lo, hi = batch
+        xs = [self._views(grads, self._items[k][0]) for k in idx]
+        dtype = xs[0].dtype if xs[0] is not None else None
+        if dtype not in _BATCH_DTYPES or any(x is None or x.dtype != dtype for x in xs):
+            return False
+        if dtype == torch.float32 and xs[0].device.type == "cpu":
+            return False  # measured: on CPU fp32 tensors are as fast one by one (no casts to save)
+        flat = torch.cat([x.reshape(-1) for x in xs])
+        rows = (flat if dtype == torch.float32 else flat.float()).view(-1, seglen)
+        means = sums[lo:hi].view(-1, 1)
+        torch.mean(rows, 1, keepdim=True, out=means)
+        rows.sub_(means)
+        pieces = torch.split(rows.view(-1), [self._numels[k] for k in idx])
+        torch._foreach_copy_(xs, [p.view(x.shape) for p, x in zip(pieces, xs)])
+        return True
 
     def _buffer(self, key: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """A persistent fp32 sums buffer on the gradients' device, with one cached
@@ -173,13 +239,26 @@ class GCEngine:
         sums.zero_()
         sq = torch.zeros(len(self._stat_keys), dtype=torch.float64) if self.full_stats else None
         scratch: torch.Tensor | None = None  # one fp32 chunk buffer, reused for the step
-        for (r, lo, _, dims, exclusive, slot, final), view in zip(self._items, views):
+        batched = fuse and sq is None
+        done_until = 0
+        for k, ((r, lo, _, dims, exclusive, slot, final), view) in enumerate(zip(self._items, views)):
+            if k < done_until:
+                continue  # centralized with its batch
+            if batched and k in self._batches and self._centralize_batch(grads, sums, self._batches[k]):
+                done_until = k + len(self._batches[k][0])
+                continue
             x = self._views(grads, r)
             if x is None:
+                continue
+            if batched and final and exclusive and x.dtype == torch.float32:
+                torch.mean(x, dims, keepdim=True, out=view)  # the loop's two kernels, no more
+                x.sub_(view)
                 continue
             small = is_small(x, self.temp_limit_bytes)
             if not small:
                 scratch = scratch_for(x, self.temp_limit_bytes, scratch)
+            if fuse and final and exclusive and sq is None and centralize_in_one_pass_(x, view, dims, self.temp_limit_bytes, scratch):
+                continue  # the slice holds this region's means already
             if exclusive and small:
                 torch.sum(x, dims, keepdim=True, dtype=torch.float32, out=view)
             else:
