@@ -12,14 +12,9 @@ from ..core.config import GCConfig
 from .tasks import EpochShuffleSampler
 
 from .. import accelerate as gc_accelerate
+from ..integrations.accelerate import uses_deepspeed as is_deepspeed
 
 __all__ = ["gc_accelerate", "is_deepspeed", "zero_stage", "deepspeed_engine", "engine_clip", "make_loader", "resolve_gc_config", "attach_gc", "stepping_optimizer"]
-
-
-def is_deepspeed(accelerator: Any) -> bool:
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
 def deepspeed_config(accelerator: Any) -> dict:

@@ -117,10 +117,10 @@ def _as_fp32(xc: torch.Tensor, scratch: torch.Tensor | None) -> torch.Tensor:
 
 def scratch_for(x: torch.Tensor, limit_bytes: int = DEFAULT_TEMP_BYTES, reuse: torch.Tensor | None = None) -> torch.Tensor | None:
     """A reusable fp32 buffer for the chunked path of ``x``: ``reuse`` when it is big
-    enough, else a new one of one chunk (at most half of ``limit_bytes``); ``None``
-    when ``x`` needs no chunking."""
+    enough (or when ``x`` needs no chunking, so a later tensor can still use it), else a
+    new one of one chunk (at most half of ``limit_bytes``)."""
     if is_small(x, limit_bytes):
-        return None
+        return reuse
     need = min(x.numel(), _chunk_elems(limit_bytes, x.device))
     if reuse is not None and reuse.numel() >= need and reuse.device == x.device:
         return reuse

@@ -177,12 +177,13 @@ class GCEngine:
         """Centralize one batch (see :meth:`_compile_batches`); False if this step's
         gradients do not allow it (a missing gradient, mixed or fp64 dtypes)."""
         idx, seglen, lo, hi = batch
+        first = grads[self._items[idx[0]][0].source]
+        if first is None or first.dtype not in _BATCH_DTYPES or (first.dtype == torch.float32 and first.device.type == "cpu"):
+            return False  # (measured: on CPU fp32 tensors are as fast one by one: no casts to save)
         xs = [self._views(grads, self._items[k][0]) for k in idx]
-        dtype = xs[0].dtype if xs[0] is not None else None
-        if dtype not in _BATCH_DTYPES or any(x is None or x.dtype != dtype for x in xs):
+        if any(x is None or x.dtype != first.dtype for x in xs):
             return False
-        if dtype == torch.float32 and xs[0].device.type == "cpu":
-            return False  # measured: on CPU fp32 tensors are as fast one by one (no casts to save)
+        dtype = first.dtype
         flat = torch.cat([x.reshape(-1) for x in xs])
         rows = (flat if dtype == torch.float32 else flat.float()).view(-1, seglen)
         means = sums[lo:hi].view(-1, 1)
@@ -239,39 +240,30 @@ class GCEngine:
         sums.zero_()
         sq = torch.zeros(len(self._stat_keys), dtype=torch.float64) if self.full_stats else None
         scratch: torch.Tensor | None = None  # one fp32 chunk buffer, reused for the step
-        batched = fuse and sq is None
+        one_pass = fuse and sq is None  # (full_stats needs each region's norm before GC)
         done_until = 0
         for k, ((r, lo, _, dims, exclusive, slot, final), view) in enumerate(zip(self._items, views)):
             if k < done_until:
                 continue  # centralized with its batch
-            if batched and k in self._batches and self._centralize_batch(grads, sums, self._batches[k]):
+            if one_pass and k in self._batches and self._centralize_batch(grads, sums, self._batches[k]):
                 done_until = k + len(self._batches[k][0])
                 continue
             x = self._views(grads, r)
             if x is None:
                 continue
-            if batched and final and exclusive and x.dtype == torch.float32:
-                torch.mean(x, dims, keepdim=True, out=view)  # the loop's two kernels, no more
-                x.sub_(view)
-                continue
-            small = is_small(x, self.temp_limit_bytes)
-            if not small:
-                scratch = scratch_for(x, self.temp_limit_bytes, scratch)
-            if fuse and final and exclusive and sq is None and centralize_in_one_pass_(x, view, dims, self.temp_limit_bytes, scratch):
+            scratch = scratch_for(x, self.temp_limit_bytes, scratch)
+            if one_pass and final and exclusive and centralize_in_one_pass_(x, view, dims, self.temp_limit_bytes, scratch):
                 continue  # the slice holds this region's means already
-            if exclusive and small:
+            if exclusive and is_small(x, self.temp_limit_bytes):
                 torch.sum(x, dims, keepdim=True, dtype=torch.float32, out=view)
             else:
                 add_sums_(x, view, self.temp_limit_bytes, scratch)
             if sq is not None:
                 sq[slot] += float(torch.linalg.vector_norm(x, dtype=torch.float32)) ** 2
             if fuse and final:
-                view.div_(self._count_of(lo))
+                view.div_(self._counts_host[lo])
                 subtract_means_(x, view, self.temp_limit_bytes, scratch)
         return sums, views, sq
-
-    def _count_of(self, lo: int) -> float:
-        return float(self._counts_host[lo])
 
     def _reduce(self, sums: torch.Tensor, stats: GCStats) -> None:
         # One collective per group per step, in the same order on every rank (the
@@ -308,8 +300,7 @@ class GCEngine:
             x = None if final else self._views(grads, r)
             if x is None:
                 continue
-            if not is_small(x, self.temp_limit_bytes):
-                scratch = scratch_for(x, self.temp_limit_bytes, scratch)
+            scratch = scratch_for(x, self.temp_limit_bytes, scratch)
             subtract_means_(x, m, self.temp_limit_bytes, scratch)
         if self.full_stats:
             self._measure_after(grads, sq_before, stats)
