@@ -14,8 +14,9 @@ from typing import Callable
 
 import torch
 
-from dist_gc import geometry_of
-from dist_gc.engine import GCEngine, plan_flat_shard, plan_full_tensor
+from dist_gc.core.centralize import geometry_of
+from dist_gc.engine.engine import GCEngine
+from dist_gc.engine.layout import plan_flat_shard, plan_whole
 
 
 def llama_shapes(vocab: int, hidden: int, inter: int, layers: int) -> list[tuple[str, tuple[int, ...]]]:
@@ -73,7 +74,7 @@ def bench_engine(preset: str = "cpu", reps: int = 7, device: str = "cpu", dtype:
     for mode in ("channel", "tensor"):
         targets = [(i, n, s) for i, (n, s) in enumerate(shapes) if len(s) >= 2]
         # --- full tensors (single process / DDP)
-        plans = [plan_full_tensor(n, geometry_of(s, mode, 0), k, s, 0 if mode == "channel" else None) for k, (i, n, s) in enumerate(targets)]
+        plans = [plan_whole(n, geometry_of(s, mode, 0), s, 0 if mode == "channel" else None, source=k) for k, (i, n, s) in enumerate(targets)]
         sources = [lambda g=grads[i]: g for i, _, _ in targets]
         engine = GCEngine(plans, sources)
         gc_bytes = sum(grads[i].numel() * grads[i].element_size() for i, _, _ in targets)
@@ -118,7 +119,7 @@ def _local_only(plan):
     """The same plan without its cross-rank reductions (no process group here)."""
     from dataclasses import replace
 
-    return replace(plan, reductions=(), partition_groups=())
+    return replace(plan, reductions=(), shard_groups=())
 
 
 def _row(layout: str, mode: str, dtype: torch.dtype, tensors: int, nbytes: int, t: dict[str, float], preset: str) -> dict:

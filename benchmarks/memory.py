@@ -26,8 +26,9 @@ def _status_kib(key: str) -> int:
 
 
 def _child(numel: int, dtype_name: str, layout: str) -> dict:
-    from dist_gc import geometry_of
-    from dist_gc.engine import GCEngine, plan_flat_shard, plan_full_tensor
+    from dist_gc.core.centralize import geometry_of
+    from dist_gc.engine.engine import GCEngine
+    from dist_gc.engine.layout import plan_flat_shard, plan_whole
 
     dtype = getattr(torch, dtype_name)
     rows = 4096
@@ -36,7 +37,7 @@ def _child(numel: int, dtype_name: str, layout: str) -> dict:
     # raise the peak before GC runs and hide GC's own temporaries).
     if layout == "full":
         g = torch.empty(shape, dtype=dtype).normal_()
-        plans = [plan_full_tensor("w", geometry_of(shape, "channel", 0), 0, shape, 0)]
+        plans = [plan_whole("w", geometry_of(shape, "channel", 0), shape, 0, source=0)]
         src = g
     else:  # a 1-D shard holding rows [1/3, 2/3) of the tensor, cut mid-row
         n = math.prod(shape)
@@ -46,7 +47,7 @@ def _child(numel: int, dtype_name: str, layout: str) -> dict:
         plan = plan_flat_shard("w", geometry_of(shape, "channel", 0), ranges=ranges, rank=1, group=None, source=0, offset=0)
         from dataclasses import replace
 
-        plans = [replace(plan, reductions=(), partition_groups=())]
+        plans = [replace(plan, reductions=(), shard_groups=())]
     engine = GCEngine(plans, [lambda: src])
     small = torch.zeros(1024)
     small.add_(1)

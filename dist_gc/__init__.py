@@ -7,28 +7,27 @@ over the whole tensor (``mode="tensor"``), immediately before the optimizer upda
 
     import dist_gc
     gc = dist_gc.attach(optimizer, model=model)      # GCConfig() defaults
+
+The public API is ``__all__`` below plus the integration modules ``dist_gc.deepspeed``
+(``initialize``), ``dist_gc.accelerate`` (``attach`` after ``accelerator.prepare``) and
+``dist_gc.integrations.transformers`` (a Trainer callback), each imported on demand.
+Everything else (``dist_gc.core``, ``dist_gc.engine``, ``dist_gc.adapters``,
+``dist_gc.planner``) is internal and may change between releases.
 """
 
 from . import hooks
 from .attach import GCHandle, attach
-from .core.centralize import Geometry, centralize_, geometry_of
-from .core.config import DEEPSPEED_CONFIG_KEY, GCConfig
-from .core.select import clean_name, detect_output_dims
-from .engine.engine import GCEngine, GCStats
+from .core.centralize import centralize_
+from .core.config import GCConfig
+from .engine.engine import GCStats
 
 __version__ = "0.1.0"
 
 __all__ = [
     "attach",
-    "hooks",
-    "GCHandle",
     "GCConfig",
+    "GCHandle",
     "GCStats",
-    "GCEngine",
-    "DEEPSPEED_CONFIG_KEY",
     "centralize_",
-    "geometry_of",
-    "Geometry",
-    "clean_name",
-    "detect_output_dims",
+    "hooks",
 ]

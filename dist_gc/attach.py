@@ -5,6 +5,11 @@ parameters. That hook fires after the engine's gradient reduction, loss-scale
 unscaling and gradient clipping, and before the update rule (so before Adam's moment
 estimates and before decoupled weight decay) — where the paper's SGD_GC/Adam_GC apply
 it. An engine that skips a step (fp16 overflow) does not call ``step``, so GC skips too.
+
+The pipeline: an adapter describes where each gradient lives
+(:func:`dist_gc.adapters.describe`), the planner selects and plans the targets once
+(:func:`dist_gc.planner.plan`), and one :class:`~dist_gc.engine.engine.GCEngine` per
+optimizer phase runs them.
 """
 
 from __future__ import annotations
@@ -12,10 +17,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .adapters import Binding, bind
+from .adapters import Description, describe
 from .core.config import GCConfig
 from .core.select import warn_optimizer_risks
 from .engine.engine import GCEngine, GCStats
+from .planner import Plan, plan
 
 __all__ = ["attach", "GCHandle"]
 
@@ -26,33 +32,27 @@ class GCHandle:
     """Returned by :func:`attach`. ``stats`` describes the last step; ``remove()``
     restores plain behaviour exactly."""
 
-    def __init__(self, binding: Binding | None, config: GCConfig) -> None:
+    def __init__(self, description: Description | None, gc_plan: Plan | None, config: GCConfig) -> None:
         self.config = config
-        self.binding = binding
-        self.engine: GCEngine | None = None
-        self.engines: list[GCEngine] = []
+        self.description = description
+        self.plan = gc_plan
+        self.engines: tuple[GCEngine, ...] = ()
         self._hook = None
         self._stats = GCStats()
-        if binding is None:
+        if description is None or gc_plan is None:
             return
-        self._stats.centralized = [p.name for p in binding.plans]
-        self._stats.skipped = {n: t.reason for n, t in binding.targets.items() if t.geometry is None}
-        temp = max(64 * 2**20, sum(_local_bytes(s) for s in binding.sources) // 100)
+        self._stats.centralized = gc_plan.centralized
+        self._stats.skipped = gc_plan.skipped
         # One engine per phase when the optimizer is stepped once per part of the
-        # parameters (see Binding.phases); each step call then centralizes only its part.
-        phases = binding.phases if binding.phases is not None else [list(range(len(binding.plans)))]
-        self.engines = [
-            GCEngine([binding.plans[i] for i in idx], binding.sources, temp_limit_bytes=temp, full_stats=config.full_stats)
-            for idx in phases
-        ]
-        self.engine = self.engines[0]
+        # parameters (see Description.phases); each step call then centralizes its part.
+        self.engines = tuple(GCEngine(plans, description.sources, full_stats=config.full_stats) for plans in gc_plan.phases)
         # Message sizes are derived independently on each rank; check they agree once
         # (collective, on every rank) so a layout bug fails here instead of hanging.
         for engine in self.engines:
             engine.verify_collectives()
-        if binding.verify is not None:
-            binding.verify()
-        self._hook = binding.optimizer.register_step_pre_hook(self._pre_step)
+        if description.check is not None:
+            description.check()
+        self._hook = description.optimizer.register_step_pre_hook(self._pre_step)
 
     @property
     def enabled(self) -> bool:
@@ -60,7 +60,19 @@ class GCHandle:
 
     @property
     def optimizer(self):
-        return None if self.binding is None else self.binding.optimizer
+        """The optimizer whose step pre-hook runs GC (DeepSpeed's inner optimizer, the
+        optimizer inside accelerate's wrapper, or the one passed to ``attach``)."""
+        return None if self.description is None else self.description.optimizer
+
+    @property
+    def label(self) -> str:
+        """The engine configuration, e.g. ``"DeepSpeed ZeRO-2 (bf16, ...)"``."""
+        return "disabled" if self.description is None else self.description.label
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps GC has run on (each phase-0 step opens one)."""
+        return self.engines[0].steps if self.engines else 0
 
     @property
     def stats(self) -> GCStats:
@@ -68,21 +80,20 @@ class GCHandle:
         return self._stats
 
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        phase = 0 if self.binding.phase is None else self.binding.phase(optimizer)
+        phase_of = self.description.phase_of
+        self._run_phase(0 if phase_of is None else phase_of(optimizer))
+
+    def _run_phase(self, phase: int) -> None:
         stats = GCStats(centralized=self._stats.centralized, skipped=self._stats.skipped)
         stats = self.engines[phase].step(stats)
         # Phase 0 opens a training step; later phases add to its statistics.
-        self._stats = stats if phase == 0 else _merge_stats(self._stats, stats)
+        self._stats = stats if phase == 0 else self._stats.merge(stats)
 
     def step(self) -> GCStats:
-        """Centralize the current gradients now (for code that steps the update
-        itself, without ``optimizer.step``)."""
-        if self.binding is not None and self.binding.phase is not None:
-            for k, engine in enumerate(self.engines):  # every phase, in order
-                stats = engine.step(GCStats(centralized=self._stats.centralized, skipped=self._stats.skipped))
-                self._stats = stats if k == 0 else _merge_stats(self._stats, stats)
-        else:
-            self._pre_step(None, (), {})
+        """Centralize the current gradients now, every phase in order (for code that
+        applies the update itself, without ``optimizer.step``)."""
+        for phase in range(len(self.engines)):
+            self._run_phase(phase)
         return self._stats
 
     def remove(self) -> None:
@@ -90,42 +101,17 @@ class GCHandle:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        if self.binding is not None:
-            for fn in self.binding.on_remove:
+        if self.description is not None:
+            for fn in self.description.on_remove:
                 fn()
 
     def __repr__(self) -> str:
-        if self.binding is None:
+        if self.description is None:
             return "GCHandle(disabled)"
         return (
-            f"GCHandle(engine={self.binding.engine!r}, mode={self.config.mode!r}, "
+            f"GCHandle(engine={self.label!r}, mode={self.config.mode!r}, "
             f"centralized={len(self._stats.centralized)}, skipped={len(self._stats.skipped)})"
         )
-
-
-def _merge_stats(a: GCStats, b: GCStats) -> GCStats:
-    """Statistics of one training step made of several phases (disjoint parameters)."""
-
-    def norm(x: float | None, y: float | None) -> float | None:
-        return None if x is None or y is None else (x * x + y * y) ** 0.5
-
-    a.max_abs_mean_before = max(a.max_abs_mean_before, b.max_abs_mean_before)
-    if a.max_abs_mean_after is not None and b.max_abs_mean_after is not None:
-        a.max_abs_mean_after = max(a.max_abs_mean_after, b.max_abs_mean_after)
-    a.grad_norm_before = norm(a.grad_norm_before, b.grad_norm_before)
-    a.grad_norm_after = norm(a.grad_norm_after, b.grad_norm_after)
-    a.bytes_communicated += b.bytes_communicated
-    a.collectives += b.collectives
-    a.seconds += b.seconds
-    return a
-
-
-def _local_bytes(source) -> int:
-    try:
-        g = source()
-    except Exception:  # noqa: BLE001 - a source may only be valid during a step
-        return 0
-    return 0 if g is None else g.numel() * g.element_size()
 
 
 def attach(target: Any, *, model: Any = None, config: GCConfig | dict | None = None) -> GCHandle:
@@ -139,7 +125,8 @@ def attach(target: Any, *, model: Any = None, config: GCConfig | dict | None = N
 
     Must be called on every rank (it may run one small collective to check that all
     ranks derived the same layout). Invalid configs raise ``ValueError`` before any
-    collective.
+    collective; so do engine configurations dist_gc cannot handle exactly (naming the
+    option and why).
 
     Example::
 
@@ -157,9 +144,10 @@ def attach(target: Any, *, model: Any = None, config: GCConfig | dict | None = N
         raise ValueError(f"config={config!r} (allowed: a dist_gc.GCConfig, a dict of its fields, or None)")
     if not config.enabled:
         log.info("dist_gc: gradient centralization is disabled by config")
-        return GCHandle(None, config)
-    binding = bind(target, model, config)
-    warn_optimizer_risks(binding.optimizer)
-    handle = GCHandle(binding, config)
+        return GCHandle(None, None, config)
+    description = describe(target, model)
+    gc_plan = plan(description.layouts, config, description.output_dims, phases=description.phases)
+    warn_optimizer_risks(description.optimizer)
+    handle = GCHandle(description, gc_plan, config)
     log.info("dist_gc: %r", handle)
     return handle

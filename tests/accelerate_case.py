@@ -139,9 +139,9 @@ def main() -> None:
         accelerator, model, handle, before = run_plain(case)
     after = full_params(accelerator, model)
     # (the Trainer callback has removed its hook when training ended: binding stays)
-    attached = handle is not None and handle.binding is not None
+    attached = handle is not None and handle.description is not None
     stats = handle.stats.as_dict() if attached else None
-    engine = handle.binding.engine if attached else None
+    engine = handle.label if attached else None
     if accelerator.is_main_process:
         ref = make_model(0)
         for n, p in ref.named_parameters():

@@ -258,7 +258,7 @@ def run_variant(case: dict[str, Any], rank: int, world: int, variant: str, mode:
     facts: dict[str, Any] = {}
     if variant == "gc":
         assert handle is not None and handle.enabled, f"{case['id']}: GC not attached"
-        facts["binding"] = handle.binding.engine
+        facts["binding"] = handle.label
         facts["phases"] = len(handle.engines)
     else:
         assert handle is None, f"{case['id']}: GC attached without a gradient_centralization block"
@@ -267,7 +267,7 @@ def run_variant(case: dict[str, Any], rank: int, world: int, variant: str, mode:
     train_step(engine, case, rank, world)
     facts["skipped_steps"] = engine.skipped_steps
     if handle is not None:
-        facts["gc_steps"] = handle.engine.steps
+        facts["gc_steps"] = handle.steps
         st = handle.stats
         facts["gc_bytes"] = st.bytes_communicated
         facts["stats"] = (st.grad_norm_before, st.grad_norm_after, st.max_abs_mean_before, st.max_abs_mean_after)
@@ -392,7 +392,7 @@ def run_overflow(rank: int, world: int, cases: list[dict[str, Any]]) -> list[dic
                 "scale_before": scale,
                 "scale_after": float(engine.optimizer.loss_scale),
                 "overflow": overflow,
-                "gc_steps": engine.dist_gc.engine.steps,
+                "gc_steps": engine.dist_gc.steps,
                 "changed": max(float((now[n] - w0[n]).abs().max()) for n in w0),
             })
             if not overflow:
@@ -501,7 +501,7 @@ def run_config_checks(rank: int, world: int, config_dir: str, with_cpu_adam: boo
             engine = dist_gc.deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1e-3), config=local)[0]
         train_step(engine, case, rank, world)
         h = engine.dist_gc
-        res["examples"][fname] = (h.binding.engine, h.engine.steps, len(h.stats.centralized))
+        res["examples"][fname] = (h.label, h.steps, len(h.stats.centralized))
         h.remove()
         engine.destroy()
 

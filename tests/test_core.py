@@ -8,7 +8,8 @@ import random
 import pytest
 import torch
 
-from dist_gc import GCConfig, centralize_, geometry_of
+from dist_gc import GCConfig, centralize_
+from dist_gc.core.centralize import geometry_of
 from dist_gc.core.centralize import add_sums_, subtract_means_
 from dist_gc.core.select import resolve_targets, detect_output_dims, clean_name
 from dist_gc.engine.layout import flat_regions, split_channels
@@ -85,15 +86,15 @@ def test_flat_layouts_against_brute_force(mode):
         for s, e in ranges:
             buf = torch.cat([torch.zeros(3, dtype=torch.float64), flat[s:e].clone()])  # piece at offset 3
             regs = flat_regions(geo, s, e, 0, 3)
-            assert sum(r.hi - r.lo for r in regs) == e - s
+            assert sum(r.stop - r.start for r in regs) == e - s
             for r in regs:
-                add_sums_(buf[r.lo : r.hi].view(r.shape), sums[r.sum_lo : r.sum_hi].view(r.bshape))
+                add_sums_(buf[r.start : r.stop].view(r.shape), sums[r.sum_start : r.sum_stop].view(r.sum_shape))
             pieces.append((buf, regs))
         want = oracle_centralize(g, mode, dim).reshape(-1)
         means = sums / geo.count
         for (s, e), (buf, regs) in zip(ranges, pieces):
             for r in regs:
-                subtract_means_(buf[r.lo : r.hi].view(r.shape), means[r.sum_lo : r.sum_hi].view(r.bshape))
+                subtract_means_(buf[r.start : r.stop].view(r.shape), means[r.sum_start : r.sum_stop].view(r.sum_shape))
             # statistics are fp32 by design (even for fp64 gradients): |err| ~ 1e-7
             torch.testing.assert_close(buf[3:], want[s:e], rtol=0, atol=1e-6)
             assert torch.all(buf[:3] == 0), "a region wrote outside its piece"
@@ -146,16 +147,17 @@ def test_degenerate_tensor_is_skipped_with_warning_or_rejected():
 def test_engine_batches_small_tensors_exactly(dtype, mode):
     """Runs of small whole tensors with a common segment length are centralized as one
     batch; results equal the formula, also when a gradient is missing (fallback)."""
-    from dist_gc.engine import GCEngine, plan_full_tensor
+    from dist_gc.engine.engine import GCEngine
+    from dist_gc.engine.layout import plan_whole
 
     shapes = [(8, 16)] * 5 + [(16, 8)] + [(8, 16)] * 3 + [(3, 4, 5)] * 2
     gen = torch.Generator().manual_seed(3)
     for missing in (None, 2):
         grads = [torch.randn(s, generator=gen).add_(0.5).to(dtype) for s in shapes]
         ref = [g.double() for g in grads]
-        plans = [plan_full_tensor(f"w{k}", geometry_of(s, mode, 0), k, s, 0 if mode == "channel" else None) for k, s in enumerate(shapes)]
+        plans = [plan_whole(f"w{k}", geometry_of(s, mode, 0), s, 0 if mode == "channel" else None, source=k) for k, s in enumerate(shapes)]
         engine = GCEngine(plans, [lambda k=k: None if k == missing else grads[k] for k in range(len(shapes))])
-        assert len(engine._batches) >= 2 if mode == "channel" else len(engine._batches) >= 1  # the path under test
+        assert len(engine.compiled.batches) >= 2 if mode == "channel" else len(engine.compiled.batches) >= 1  # the path under test
         stats = engine.step()
         for k, (g, r) in enumerate(zip(grads, ref)):
             want = r if k == missing else oracle_centralize(r, mode, 0)

@@ -319,7 +319,7 @@ def test_dist_gc_deepspeed_is_lazy():
 
 
 def test_layout_ranges_cover_each_tensor_once():
-    from dist_gc.adapters.deepspeed import equal_partition_ranges
+    from dist_gc.adapters._common import equal_partition_ranges
 
     for world in (1, 2, 3, 4):
         for psize in (1, 5, 7, 64):

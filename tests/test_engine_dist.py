@@ -11,8 +11,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_gc import geometry_of
-from dist_gc.engine import GCEngine, plan_flat_shard
+from dist_gc.core.centralize import geometry_of
+from dist_gc.engine.engine import GCEngine
+from dist_gc.engine.layout import plan_flat_shard
 from tests.harness import run_distributed
 from tests.models import GCTestNet
 from tests.oracle import oracle_centralize

@@ -144,7 +144,7 @@ def _run_case(rank: int, world_size: int, case: Case) -> dict:
     loss_on(fm, models.local_slice(batch, rank, world_size)).backward()
     norm = float(fm.clip_grad_norm_(case.clip)) if case.clip else None
     opt.step()
-    out = {"norm": norm, "engine": handle.binding.engine if handle else None}
+    out = {"norm": norm, "engine": handle.label if handle else None}
     if handle is not None:
         out["bytes"], out["collectives"] = handle.stats.bytes_communicated, handle.stats.collectives
     if hook_states:

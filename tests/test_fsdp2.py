@@ -185,7 +185,7 @@ def _run_case(rank: int, world_size: int, case: Case) -> dict:
     opt.step()
     out = {"norm": norm}
     if handle is not None:
-        out.update(bytes=handle.stats.bytes_communicated, collectives=handle.stats.collectives, engine=handle.binding.engine)
+        out.update(bytes=handle.stats.bytes_communicated, collectives=handle.stats.collectives, engine=handle.label)
     out["params"] = {n: p.full_tensor().detach().double() for n, p in model.named_parameters()}
     if case.readout:
         with torch.no_grad():
@@ -305,7 +305,7 @@ def test_plan_block_against_brute_force(mode):
     import random
 
     from dist_gc.core.centralize import add_sums_, geometry_of, normalize_dim, subtract_means_
-    from dist_gc.engine.layout import plan_block
+    from dist_gc.engine.layout import ShardAxis, plan_block
     from tests.oracle import oracle_centralize
 
     rng = random.Random(0)
@@ -324,26 +324,26 @@ def test_plan_block_against_brute_force(mode):
             for d, ix in enumerate(idx):
                 local = local.index_select(d, torch.tensor(ix, dtype=torch.long))
             # A group = the ranks that differ only in axis a's coordinate.
-            groups = [((a, coord[:a] + coord[a + 1 :]), d) for a, d in enumerate(cuts) if d is not None]
-            plan = plan_block("t", geo, local_shape=local.shape, output_dim=k if mode == "channel" else None, shard_groups=groups, source=0)
+            groups = [ShardAxis((a, coord[:a] + coord[a + 1 :]), d) for a, d in enumerate(cuts) if d is not None]
+            plan = plan_block("t", geo, local_shape=local.shape, output_dim=k if mode == "channel" else None, shard_axes=groups, source=0)
             sums = torch.zeros(plan.num_sums, dtype=torch.float64)
             for r in plan.regions:
-                add_sums_(local, sums[r.sum_lo : r.sum_hi].view(r.bshape))
+                add_sums_(local, sums[r.sum_start : r.sum_stop].view(r.sum_shape))
             state[coord] = (local, idx, plan, sums)
         for a in range(len(mesh_shape)):  # one all-reduce per mesh axis, in axis order
             totals: dict = {}
             for coord, (_, _, plan, sums) in state.items():
                 for red in plan.reductions:
                     if red.group[0] == a:
-                        totals[red.group] = totals.get(red.group, 0) + sums[red.lo : red.hi]
+                        totals[red.group] = totals.get(red.group, 0) + sums[red.sum_start : red.sum_stop]
             for coord, (_, _, plan, sums) in state.items():
                 for red in plan.reductions:
                     if red.group[0] == a:
-                        sums[red.lo : red.hi] = totals[red.group]
+                        sums[red.sum_start : red.sum_stop] = totals[red.group]
         want = oracle_centralize(g, mode, k)
         for coord, (local, idx, plan, sums) in state.items():
             for r in plan.regions:
-                subtract_means_(local, (sums / geo.count)[r.sum_lo : r.sum_hi].view(r.bshape))
+                subtract_means_(local, (sums / geo.count)[r.sum_start : r.sum_stop].view(r.sum_shape))
             expect = want
             for d, ix in enumerate(idx):
                 expect = expect.index_select(d, torch.tensor(ix, dtype=torch.long))

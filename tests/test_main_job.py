@@ -87,8 +87,10 @@ def test_negative_control_fails_verify(tmp_path):
     """Naive GC on the tensors DeepSpeed's optimizer holds (ZeRO-2 1-D flat partitions)
     must be caught: nonzero exit and an error far above the tolerance."""
     pytest.importorskip("deepspeed")
-    rc, out = run(accelerate_cmd(ROOT / "configs/accelerate/deepspeed_zero2.yaml", "--verify-negative-control",
-                                 "--output-dir", str(tmp_path)), TIMEOUT)
+    cmd = accelerate_cmd(ROOT / "configs/accelerate/deepspeed_zero2.yaml", "--verify-only", "--output-dir", str(tmp_path))
+    k = cmd.index("dist_gc.cli.train")
+    cmd[k - 1 : k + 1] = [str(ROOT / "tests" / "negative_control_job.py")]  # the job, with a wrong GC
+    rc, out = run(cmd, TIMEOUT)
     errors = verify_errors(out)
     assert errors, f"no verify line printed:\n{out[-4000:]}"
     assert rc != 0, f"verify passed a wrong GC (error {errors})"

@@ -1,9 +1,12 @@
-"""Engine adapters: each turns what an engine hands the optimizer into layouts.
+"""Engine adapters: each says where the gradients an engine hands its optimizer live.
 
-An adapter module exposes ``bind(target, model, config) -> Binding | None`` and returns
-``None`` when ``target`` is not its engine's. It imports its engine lazily (only when
-the engine's module is already loaded), so ``import dist_gc`` needs only torch.
-``dist_gc.attach`` asks the adapters in ``ADAPTERS`` order; the first binding wins.
+An adapter module exposes ``describe(target, model) -> Description | None`` and returns
+``None`` when ``target`` is not its engine's. It reads the engine's partition metadata,
+refuses what it cannot describe exactly (``ValueError`` naming the parameter or option),
+and offers a value check; it never selects targets or builds plans (that is
+:func:`dist_gc.planner.plan`, once, for every engine). It imports its engine lazily
+(only when the engine's module is already loaded), so ``import dist_gc`` needs only
+torch. :func:`describe` asks the adapters in ``ADAPTERS`` order; the first answer wins.
 """
 
 from __future__ import annotations
@@ -14,67 +17,57 @@ from typing import Any, Callable
 
 import torch
 
-from ..core.select import Target
-from ..engine.layout import TensorPlan
+from ..engine.layout import TensorLayout
 
-__all__ = ["Binding", "ADAPTERS", "bind", "warn_if_untested"]
+__all__ = ["Description", "ADAPTERS", "describe", "Source"]
+
+Source = Callable[[], "torch.Tensor | None"]
 
 #: Adapter modules, most specific first; ``plain`` (any torch optimizer) is last.
-#: ``accelerate`` comes first: its wrapper subclasses ``torch.optim.Optimizer`` without
-#: running its ``__init__`` (hooks on it never fire), so it must be unwrapped before any
-#: other adapter looks at it.
+#: ``accelerated`` comes first: accelerate's wrapper subclasses ``torch.optim.Optimizer``
+#: without running its ``__init__`` (hooks on it never fire), so it must be unwrapped
+#: before any other adapter looks at it.
 ADAPTERS = [
-    "dist_gc.adapters.accelerate",
-    "dist_gc.adapters.deepspeed",
+    "dist_gc.adapters.accelerated",
+    "dist_gc.adapters.zero",
     "dist_gc.adapters.fsdp1",
     "dist_gc.adapters.fsdp2",
     "dist_gc.adapters.plain",
 ]
 
 
-@dataclass(slots=True)
-class Binding:
-    """What an adapter found: the optimizer whose step applies the update (GC hooks
-    its step pre-hook) and the layouts of every GC target on this rank."""
+@dataclass(kw_only=True, slots=True)
+class Description:
+    """What an adapter found: the optimizer whose step applies the update (GC runs in
+    its step pre-hook) and where every parameter it updates lives on this rank."""
 
     optimizer: torch.optim.Optimizer
-    plans: list[TensorPlan]
-    sources: list[Callable[[], "torch.Tensor | None"]]
-    targets: dict[str, Target]
-    engine: str
-    """Human-readable name of the engine configuration (for logs and errors)."""
-    extras: dict[str, Any] = field(default_factory=dict)
-    on_remove: list[Callable[[], None]] = field(default_factory=list)
-    verify: Callable[[], None] | None = None
-    """Optional check run once after the hook is in place (e.g. layout vs values)."""
-    phases: list[list[int]] | None = None
-    """Optional: when the engine steps ``optimizer`` several times per training step,
-    each time on a different part of the parameters (DeepSpeed ZeRO-1/2 steps one param
-    group at a time, ZeRO-3 one sub-group at a time), the indices into ``plans`` of each
-    part. ``None``: every ``step`` call covers all plans."""
-    phase: Callable[[torch.optim.Optimizer], int] | None = None
-    """With ``phases``: which phase the optimizer is stepping now (called in its step
+    layouts: list[TensorLayout]
+    sources: list[Source]
+    """``sources[i]()``: the current local gradient buffer that layouts with
+    ``where.source == i`` live in (``None`` when it has none this step)."""
+    label: str
+    """Human-readable engine configuration, e.g. ``"DeepSpeed ZeRO-2 (bf16, ...)"``."""
+    output_dims: dict[str, int] = field(default_factory=dict)
+    """Output dims detected from the model's modules (``{name: dim}``)."""
+    phases: int = 1
+    """How many ``step`` calls of ``optimizer`` make one training step: DeepSpeed ZeRO-1/2
+    steps one param group per call, ZeRO-3 one sub-group (``TensorLayout.phase``)."""
+    phase_of: Callable[[torch.optim.Optimizer], int] | None = None
+    """With ``phases > 1``: which phase the optimizer is stepping now (called in its step
     pre-hook). Every rank must step the phases in the same order (collectives match)."""
+    check: Callable[[], None] | None = None
+    """Optional value check run once at attach, on every rank, after the collectives
+    were verified (e.g. the layout against the fp32 master values)."""
+    on_remove: list[Callable[[], None]] = field(default_factory=list)
 
 
-def warn_if_untested(package: str, version: str, tested: tuple[str, ...], safeguard: str) -> None:
-    """Warn (once per call site) when ``package`` is not a ``major.minor`` version the
-    adapter was tested with. Internals the adapter does not recognise raise separately;
-    ``safeguard`` says what still protects an untested version."""
-    if not any(version == v or version.startswith(v + ".") for v in tested):
-        import warnings
-
-        warnings.warn(
-            f"dist_gc: {package} {version} is untested (tested: {', '.join(v + '.x' for v in tested)}); {safeguard}",
-            stacklevel=4,
-        )
-
-
-def bind(target: Any, model: Any, config: Any) -> Binding:
+def describe(target: Any, model: Any) -> Description:
+    """The first adapter's description of ``target`` (see ``ADAPTERS``)."""
     for path in ADAPTERS:
-        binding = importlib.import_module(path).bind(target, model, config)
-        if binding is not None:
-            return binding
+        found = importlib.import_module(path).describe(target, model)
+        if found is not None:
+            return found
     raise TypeError(
         f"dist_gc.attach: cannot attach to a {type(target).__module__}.{type(target).__qualname__}; "
         "expected a torch.optim.Optimizer, an FSDP optimizer with model=, a DeepSpeedEngine, "

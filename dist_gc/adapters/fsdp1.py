@@ -30,18 +30,18 @@ optimizer sees the full-precision sharded gradient (or the low-precision one wit
 from __future__ import annotations
 
 import sys
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..core.config import GCConfig
-from ..core.select import Target, clean_name, detect_output_dims, resolve_targets
-from ..engine.layout import TensorPlan, plan_flat_shard, plan_full_tensor
-from . import Binding
+from ..core.select import clean_name, detect_output_dims
+from ..engine.layout import FlatShard, TensorLayout, Whole
+from . import Description
+from ._common import equal_partition_ranges, named_optimizer_params, param_names, require_attrs, warn_if_untested
+from .plain import describe_params
 
-__all__ = ["bind", "FlatTensor", "FlatUnit", "describe_units", "TESTED_TORCH"]
+__all__ = ["describe", "FlatTensor", "FlatUnit", "describe_units", "TESTED_TORCH"]
 
 #: torch versions whose FSDP1 internals (``torch/distributed/fsdp/_flat_param.py``) this
 #: adapter was validated against. Other versions are checked attribute by attribute and
@@ -87,24 +87,8 @@ class FlatUnit:
     strategy: str
 
 
-def _check_version() -> None:
-    version = ".".join(torch.__version__.split("+")[0].split(".")[:2])
-    if version not in TESTED_TORCH:
-        warnings.warn(
-            f"dist_gc: the FSDP1 adapter reads FlatParameter internals and was validated on torch "
-            f"{', '.join(TESTED_TORCH)}; this is torch {torch.__version__}. Layouts are cross-checked against "
-            "FSDP's own shard metadata and fail loudly on a mismatch.",
-            stacklevel=4,
-        )
-
-
 def _require(obj: Any, attrs: tuple[str, ...], what: str) -> None:
-    missing = [a for a in attrs if not hasattr(obj, a)]
-    if missing:
-        raise RuntimeError(
-            f"dist_gc: this torch {torch.__version__} {what} lacks {', '.join(missing)}; the FSDP1 adapter "
-            f"(validated on torch {', '.join(TESTED_TORCH)}) cannot read its layout"
-        )
+    require_attrs(obj, attrs, what, package="torch", version=torch.__version__, tested=TESTED_TORCH)
 
 
 def _fsdp_class() -> Any:
@@ -160,10 +144,7 @@ def describe_units(model: torch.nn.Module) -> list[FlatUnit]:
         for i, (name, shape, numel, start) in enumerate(zip(names, flat._shapes, flat._numels, starts)):
             shape = tuple(int(s) for s in shape)
             chunk = S if sharded else total
-            ranges = tuple(
-                (lo - start, hi - start) if hi > lo else (0, 0)
-                for lo, hi in ((max(start, r * chunk), min(start + numel, (r + 1) * chunk)) for r in range(W))
-            )
+            ranges = equal_partition_ranges(start, numel, chunk, W)
             s, e = ranges[rank]
             offset = max(start - rank * chunk, 0) if e > s else 0
             _cross_check(unit_name, name, flat._shard_param_infos[i], s, e, offset)
@@ -191,7 +172,15 @@ def is_fsdp1_orig_param(p: torch.Tensor) -> bool:
     return bool(getattr(p, "_fsdp_flattened", False))
 
 
-def bind(optimizer: Any, model: Any, config: GCConfig) -> Binding | None:
+def tensor_layout(unit: FlatUnit, t: FlatTensor, source: int, offset: int) -> TensorLayout:
+    """The layout of original tensor ``t`` of ``unit`` whose rank-local piece starts at
+    ``sources[source][offset]`` (NO_SHARD: the whole tensor, flat at ``offset``)."""
+    if unit.group is None:
+        return TensorLayout(t.name, t.shape, Whole(source, offset))
+    return TensorLayout(t.name, t.shape, FlatShard(source, offset, t.ranges, unit.rank, unit.group))
+
+
+def describe(optimizer: Any, model: Any) -> Description | None:
     if not isinstance(optimizer, torch.optim.Optimizer) or _fsdp_class() is None:
         return None
     opt_params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -205,62 +194,46 @@ def bind(optimizer: Any, model: Any, config: GCConfig) -> Binding | None:
                 "model=<the FullyShardedDataParallel-wrapped model> so dist_gc can read their layout"
             )
         return None
-    _check_version()
+    warn_if_untested("torch", torch.__version__, TESTED_TORCH,
+                     "the FSDP1 adapter reads FlatParameter internals; layouts are cross-checked against FSDP's own "
+                     "shard metadata and fail loudly on a mismatch")
     in_opt = {id(p) for p in opt_params}
     use_orig = {bool(u.handle._use_orig_params) for u in units}
     if len(use_orig) != 1:
         raise ValueError("dist_gc: FSDP1 units mix use_orig_params=True and False; use one setting for the whole model")
     use_orig_params = use_orig.pop()
 
-    # Every original tensor the optimizer updates: (unit, tensor) pairs, in module order.
-    members: list[tuple[FlatUnit, FlatTensor]] = []
+    layouts: list[TensorLayout] = []
+    sources: list = []
+    source_of: dict[int, int] = {}
     claimed: set[int] = set()
     for u in units:
         for t in u.tensors:
             key = id(t.param) if use_orig_params else id(u.flat_param)
-            if key in in_opt:
-                members.append((u, t))
-                claimed.add(key)
+            if key not in in_opt:
+                continue
+            claimed.add(key)
+            if use_orig_params:
+                # The optimizer steps the original parameter: its .grad is exactly this
+                # rank's piece (1-D when sharded, full shape for NO_SHARD), starting at 0.
+                layouts.append(tensor_layout(u, t, len(sources), 0))
+                sources.append(lambda p=t.param: p.grad)
+            else:
+                if id(u.flat_param) not in source_of:
+                    source_of[id(u.flat_param)] = len(sources)
+                    sources.append(lambda f=u.flat_param: f.grad)
+                layouts.append(tensor_layout(u, t, source_of[id(u.flat_param)], t.offset_in_shard))
     # Parameters FSDP does not manage (ignored modules): whole tensors on every rank.
-    from .plain import named_optimizer_params
-
-    others = [(n, p) for n, p in named_optimizer_params(optimizer, model) if id(p) not in claimed]
+    others = [(n, p) for n, p in named_optimizer_params(optimizer, param_names(model)) if id(p) not in claimed]
     for n, p in others:
         if is_fsdp1_orig_param(p):
             raise ValueError(f"dist_gc.attach: FSDP1-flattened parameter {n!r} belongs to no FSDP1 unit of the model passed as model=")
-    targets = resolve_targets(
-        [(t.name, t.shape) for _, t in members] + [(n, tuple(p.shape)) for n, p in others], config, detect_output_dims(model)
-    )
-
-    plans: list[TensorPlan] = []
-    sources: list = []
-    source_of: dict[int, int] = {}
-    for u, t in members:
-        target: Target = targets[t.name]
-        if target.geometry is None:
-            continue
-        if use_orig_params:
-            # The optimizer steps the original parameter: its .grad is exactly this
-            # rank's piece (1-D when sharded, full shape for NO_SHARD), starting at 0.
-            src, offset = len(sources), 0
-            sources.append(lambda p=t.param: p.grad)
-        else:
-            if id(u.flat_param) not in source_of:
-                source_of[id(u.flat_param)] = len(sources)
-                sources.append(lambda f=u.flat_param: f.grad)
-            src, offset = source_of[id(u.flat_param)], t.offset_in_shard
-        plans.append(plan_flat_shard(t.name, target.geometry, ranges=t.ranges, rank=u.rank, group=u.group, source=src, offset=offset))
-    for n, p in others:
-        target = targets[n]
-        if target.geometry is not None:
-            plans.append(plan_full_tensor(n, target.geometry, len(sources), target.shape, target.output_dim))
-            sources.append(lambda p=p: p.grad)
+    whole, whole_sources = describe_params(others, first_source=len(sources))
     strategies = "/".join(sorted({u.strategy for u in units}))
-    return Binding(
-        optimizer,
-        plans,
-        sources,
-        targets,
-        engine=f"FSDP1 {strategies} (use_orig_params={use_orig_params}, {len(units)} unit(s))",
-        extras={"units": units},
+    return Description(
+        optimizer=optimizer,
+        layouts=layouts + whole,
+        sources=sources + whole_sources,
+        label=f"FSDP1 {strategies} (use_orig_params={use_orig_params}, {len(units)} unit(s))",
+        output_dims=detect_output_dims(model),
     )

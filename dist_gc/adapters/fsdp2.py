@@ -37,13 +37,12 @@ from typing import Any
 
 import torch
 
-from ..core.config import GCConfig
-from ..core.select import detect_output_dims, resolve_targets
-from ..engine.layout import TensorPlan, plan_block, plan_full_tensor
-from . import Binding
-from .plain import named_optimizer_params
+from ..core.select import detect_output_dims
+from ..engine.layout import Block, ShardAxis, TensorLayout, Whole
+from . import Description
+from ._common import named_optimizer_params, param_names
 
-__all__ = ["bind", "shard_groups_of"]
+__all__ = ["describe", "shard_axes_of"]
 
 _DTENSOR_MODULE = "torch.distributed.tensor"
 
@@ -68,9 +67,9 @@ def _shard_dim(placement: Any) -> int | None:
     raise ValueError(f"unsupported placement {placement!r}")
 
 
-def shard_groups_of(name: str, p: Any) -> list[tuple[Any, int]]:
-    """``[(process group of mesh axis a, tensor dim it shards)]`` for every sharding
-    axis of DTensor ``p``, in mesh-axis order (Replicate axes left out)."""
+def shard_axes_of(name: str, p: Any) -> tuple[ShardAxis, ...]:
+    """The process group and the tensor dim of every mesh axis that shards DTensor
+    ``p``, in mesh-axis order (Replicate axes left out)."""
     mesh, out = p.device_mesh, []
     for axis, placement in enumerate(p.placements):
         try:
@@ -81,8 +80,8 @@ def shard_groups_of(name: str, p: Any) -> list[tuple[Any, int]]:
                 f"{mesh}: {exc}; dist_gc handles Shard, _StridedShard and Replicate"
             ) from None
         if dim is not None:
-            out.append((mesh.get_group(mesh_dim=axis), dim % p.dim()))
-    return out
+            out.append(ShardAxis(mesh.get_group(mesh_dim=axis), dim % p.dim()))
+    return tuple(out)
 
 
 def _local_grad_source(name: str, p: Any, dtensor_cls: Any):
@@ -105,30 +104,32 @@ def _local_grad_source(name: str, p: Any, dtensor_cls: Any):
     return source
 
 
-def bind(optimizer: Any, model: Any, config: GCConfig) -> Binding | None:
+def describe(optimizer: Any, model: Any) -> Description | None:
     dtensor_cls = _dtensor_class()
     if dtensor_cls is None or not isinstance(optimizer, torch.optim.Optimizer):
         return None
-    named = named_optimizer_params(optimizer, model)
+    named = named_optimizer_params(optimizer, param_names(model))
     if not any(isinstance(p, dtensor_cls) for _, p in named):
         return None
-    # DTensor.shape is the GLOBAL shape, as resolve_targets needs.
-    targets = resolve_targets([(n, tuple(p.shape)) for n, p in named], config, detect_output_dims(model) if model is not None else {})
-    plans: list[TensorPlan] = []
+    layouts: list[TensorLayout] = []
     sources: list = []
     meshes: dict[Any, None] = {}
     for name, p in named:
-        t = targets[name]
-        if t.geometry is None:
-            continue
+        # DTensor.shape is the GLOBAL shape, as the planner needs.
         if isinstance(p, dtensor_cls):
-            groups = shard_groups_of(name, p)
             meshes[p.device_mesh] = None
-            plans.append(plan_block(name, t.geometry, local_shape=tuple(p.to_local().shape), output_dim=t.output_dim, shard_groups=groups, source=len(sources)))
+            where = Block(len(sources), tuple(p.to_local().shape), shard_axes_of(name, p))
             sources.append(_local_grad_source(name, p, dtensor_cls))
         else:
-            plans.append(plan_full_tensor(name, t.geometry, len(sources), t.shape, t.output_dim))
+            where = Whole(len(sources))
             sources.append(lambda p=p: p.grad)
+        layouts.append(TensorLayout(name, tuple(p.shape), where))
     fsdp_module = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", ())
     kind = "FSDP2" if model is not None and any(isinstance(m, fsdp_module) for m in model.modules()) else "DTensor"
-    return Binding(optimizer, plans, sources, targets, engine=f"{kind} (meshes: {', '.join(map(str, meshes))})")
+    return Description(
+        optimizer=optimizer,
+        layouts=layouts,
+        sources=sources,
+        label=f"{kind} (meshes: {', '.join(map(str, meshes))})",
+        output_dims=detect_output_dims(model) if model is not None else {},
+    )

@@ -12,9 +12,9 @@ from ..core.config import GCConfig
 from .tasks import EpochShuffleSampler
 
 from .. import accelerate as gc_accelerate
-from ..integrations.accelerate import uses_deepspeed as is_deepspeed
+from ..accelerate import uses_deepspeed as is_deepspeed
 
-__all__ = ["gc_accelerate", "is_deepspeed", "zero_stage", "deepspeed_engine", "engine_clip", "make_loader", "resolve_gc_config", "attach_gc", "stepping_optimizer"]
+__all__ = ["gc_accelerate", "is_deepspeed", "zero_stage", "engine_clip", "make_loader", "resolve_gc_config", "attach_gc"]
 
 
 def deepspeed_config(accelerator: Any) -> dict:
@@ -27,10 +27,6 @@ def zero_stage(accelerator: Any) -> int | None:
     if not is_deepspeed(accelerator):
         return None
     return int(deepspeed_config(accelerator).get("zero_optimization", {}).get("stage", 0))
-
-
-def deepspeed_engine(accelerator: Any) -> Any:
-    return accelerator.deepspeed_engine_wrapped.engine
 
 
 def engine_clip(accelerator: Any, max_grad_norm: float | None) -> float | None:
@@ -72,12 +68,3 @@ def attach_gc(accelerator: Any, optimizer: Any, model: Any, config: GCConfig) ->
     if is_deepspeed(accelerator):
         return gc_accelerate.attach(accelerator, optimizer, model)
     return gc_accelerate.attach(accelerator, optimizer, model, config=config)
-
-
-def stepping_optimizer(accelerator: Any, optimizer: Any) -> torch.optim.Optimizer:
-    """The torch optimizer that really updates parameters: DeepSpeed's inner optimizer
-    on its fp32 master partitions, or the one inside accelerate's AcceleratedOptimizer."""
-    if is_deepspeed(accelerator):
-        opt = deepspeed_engine(accelerator).optimizer
-        return getattr(opt, "optimizer", opt)
-    return getattr(optimizer, "optimizer", optimizer)

@@ -62,10 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "so --resume-from continues as if never stopped")
     p.add_argument("--verify", action="store_true", help="check one step against the single-process oracle first")
     p.add_argument("--verify-only", action="store_true", help="like --verify, then exit without training")
-    # Negative control for the tests: a naive GC that --verify must reject.
-    p.add_argument("--verify-negative-control", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.verify_only or args.verify_negative_control:
+    if args.verify_only:
         args.verify = True
     if args.resume_from not in (None, "latest") and args.ab:
         p.error("--resume-from PATH resumes one arm; use --gc on|off with it (or --resume-from latest with --ab)")
@@ -293,7 +291,7 @@ def run_verify(accelerator: Any, task: Task, args: argparse.Namespace, gc_config
     from .verify import verify_step
 
     result = verify_step(accelerator, task, batch_size=args.batch_size, seed=args.seed, gc_config=gc_config,
-                         max_grad_norm=args.max_grad_norm, negative_control=args.verify_negative_control)
+                         max_grad_norm=args.max_grad_norm)
     accelerator.print(result.message())
     if not result.ok:
         accelerator.end_training()

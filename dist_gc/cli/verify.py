@@ -24,8 +24,10 @@ import torch.nn as nn
 
 from ..core.centralize import centralize_
 from ..core.config import GCConfig
-from ..core.select import clean_name, resolve_targets
-from .common import attach_gc, engine_clip, is_deepspeed, make_loader, stepping_optimizer, zero_stage
+from ..core.select import clean_name
+from ..engine.layout import TensorLayout, Whole
+from ..planner import plan
+from . import common
 from .tasks import Task
 
 __all__ = ["TOLERANCE", "VerifyResult", "verify_step"]
@@ -61,7 +63,7 @@ def _gathered(accelerator: Any, module: nn.Module):
     """Context in which ``module``'s parameters are full tensors on every rank. Under
     ZeRO-3 each rank holds only a partition; GatheredParameters all-gathers them
     (a collective: every rank must enter it)."""
-    if zero_stage(accelerator) == 3:
+    if common.zero_stage(accelerator) == 3:
         import deepspeed
 
         return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
@@ -124,7 +126,8 @@ def oracle_gradients(task: Task, before: dict[str, torch.Tensor], batch: dict, c
 def centralized(model: nn.Module, grads: dict[str, torch.Tensor], config: GCConfig) -> dict[str, torch.Tensor]:
     """Full-tensor GC of the selected tensors with ``dist_gc.centralize_``."""
     dims = {f"{mn}.{pn}" if mn else pn: _output_dim(m) for mn, m in model.named_modules() for pn, _ in m.named_parameters(recurse=False)}
-    targets = resolve_targets([(n, tuple(g.shape)) for n, g in grads.items()], config, dims)
+    layouts = [TensorLayout(n, tuple(g.shape), Whole(k)) for k, (n, g) in enumerate(grads.items())]
+    targets = plan(layouts, config, dims).targets
     out = dict(grads)
     for n, t in targets.items():
         if t.geometry is not None:
@@ -144,37 +147,22 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[n].double() - b[n].double()).abs().max()) for n in a)
 
 
-# --------------------------------------------------------------------------- negative control
-def attach_wrong_gc(accelerator: Any, optimizer: Any) -> Any:
-    """Negative control: GC of whatever tensors the stepping optimizer holds (dim 0 of
-    tensors with dim > 1, and one mean over each 1-D tensor — ZeRO's flat shards, the
-    biases). ``--verify`` must report a large error with it."""
-
-    def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        for group in opt.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    g = p.grad
-                    g.sub_(g.mean(tuple(range(1, g.dim())), keepdim=True) if g.dim() > 1 else g.mean())
-
-    return stepping_optimizer(accelerator, optimizer).register_step_pre_hook(hook)
-
-
 # --------------------------------------------------------------------------- the step
-def verify_step(accelerator: Any, task: Task, *, batch_size: int, seed: int, gc_config: GCConfig, max_grad_norm: float | None, negative_control: bool = False) -> VerifyResult:
-    """One SGD(lr=1) step with GC, compared with the oracle. Collective: every rank calls
-    it; every rank returns the same result."""
+def verify_step(accelerator: Any, task: Task, *, batch_size: int, seed: int, gc_config: GCConfig, max_grad_norm: float | None) -> VerifyResult:
+    """One SGD(lr=1) step with GC attached by ``common.attach_gc`` (as training does),
+    compared with the oracle. Collective: every rank calls it; every rank returns the
+    same result."""
     from accelerate.utils import set_seed
 
     set_seed(seed)
     model = task.build_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    loader = make_loader(task.train_set, batch_size, seed)
+    loader = common.make_loader(task.train_set, batch_size, seed)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    handle = attach_wrong_gc(accelerator, optimizer) if negative_control else attach_gc(accelerator, optimizer, model, gc_config)
-    if not negative_control and not handle.enabled:
+    handle = common.attach_gc(accelerator, optimizer, model, gc_config)
+    if not handle.enabled:
         raise SystemExit("error: --verify needs GC enabled (the DeepSpeed JSON's gradient_centralization block is absent or disabled)")
-    clip = engine_clip(accelerator, max_grad_norm)
+    clip = common.engine_clip(accelerator, max_grad_norm)
 
     names = {n for n, _ in task.build_model().named_parameters()}
     before = full_params(accelerator, model, names)
@@ -182,7 +170,7 @@ def verify_step(accelerator: Any, task: Task, *, batch_size: int, seed: int, gc_
     model.train()
     loss, _, _ = task.forward(model, batch)
     accelerator.backward(loss)  # under DeepSpeed this also runs engine.step (clip, GC, update)
-    if clip is not None and not is_deepspeed(accelerator):
+    if clip is not None and not common.is_deepspeed(accelerator):
         accelerator.clip_grad_norm_(model.parameters(), clip)
     optimizer.step()
     optimizer.zero_grad()
@@ -192,7 +180,7 @@ def verify_step(accelerator: Any, task: Task, *, batch_size: int, seed: int, gc_
     update = {n: before[n].double() - after[n].double() for n in before}
     oracle_model, grads, clip_note = oracle_gradients(task, before, global_batch, clip)
     expected = centralized(oracle_model, grads, gc_config)
-    sharded = (zero_stage(accelerator) or 0) > 0
+    sharded = (common.zero_stage(accelerator) or 0) > 0
     result = VerifyResult(
         error=max_diff(update, expected),
         gc_effect=max_diff(grads, expected),

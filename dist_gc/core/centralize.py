@@ -17,7 +17,18 @@ from typing import Iterator, Sequence
 
 import torch
 
-__all__ = ["Geometry", "geometry_of", "centralize_", "add_sums_", "subtract_means_", "scratch_for", "centralize_in_one_pass_", "DEFAULT_TEMP_BYTES"]
+__all__ = [
+    "Geometry",
+    "geometry_of",
+    "normalize_dim",
+    "centralize_",
+    "add_sums_",
+    "subtract_means_",
+    "centralize_in_one_pass_",
+    "scratch_for",
+    "fits_mixed_kernels",
+    "DEFAULT_TEMP_BYTES",
+]
 
 #: Temporaries made by low-precision subtraction are bounded by this many bytes
 #: (the engine raises it to 1% of the local gradient shard when that is larger).
@@ -95,9 +106,10 @@ def _chunk_elems(limit_bytes: int, device: torch.device | None = None) -> int:
     return min(budget, CPU_CHUNK_ELEMS) if device is None or device.type == "cpu" else budget
 
 
-def is_small(x: torch.Tensor, limit_bytes: int = DEFAULT_TEMP_BYTES) -> bool:
-    """Whether ``x`` may use mixed-precision kernels directly (one call each for the
-    sums and the subtraction): always for fp32/fp64; for 16-bit tensors on GPUs up to
+def fits_mixed_kernels(x: torch.Tensor, limit_bytes: int = DEFAULT_TEMP_BYTES) -> bool:
+    """Whether ``x`` may go through torch's kernels directly (one call each for the
+    sums and the subtraction) rather than the chunked fp32 path: always for fp32/fp64
+    (no cast needed); for 16-bit tensors on GPUs up to
     ``limit_bytes / 64`` elements (those kernels were measured to hold up to ~4 fp32
     temporaries the size of the input: 1/4 of the budget), on CPU only tiny ones."""
     if x.dtype in _WIDE:
@@ -119,7 +131,7 @@ def scratch_for(x: torch.Tensor, limit_bytes: int = DEFAULT_TEMP_BYTES, reuse: t
     """A reusable fp32 buffer for the chunked path of ``x``: ``reuse`` when it is big
     enough (or when ``x`` needs no chunking, so a later tensor can still use it), else a
     new one of one chunk (at most half of ``limit_bytes``)."""
-    if is_small(x, limit_bytes):
+    if fits_mixed_kernels(x, limit_bytes):
         return reuse
     need = min(x.numel(), _chunk_elems(limit_bytes, x.device))
     if reuse is not None and reuse.numel() >= need and reuse.device == x.device:
@@ -133,7 +145,7 @@ def add_sums_(x: torch.Tensor, sums: torch.Tensor, limit_bytes: int = DEFAULT_TE
     ``sums`` is an fp32 view with ``x.dim()`` dims, broadcastable to ``x``.
     ``scratch``: optional fp32 buffer of at least one chunk (see :func:`scratch_for`)."""
     dims = tuple(i for i in range(x.dim()) if sums.size(i) == 1)
-    if is_small(x, limit_bytes):
+    if fits_mixed_kernels(x, limit_bytes):
         sums.add_(x.sum(dims, keepdim=True, dtype=torch.float32) if dims else x.float())
         return
     for xc, sc in _chunks(x, sums, _chunk_elems(limit_bytes, x.device)):
@@ -144,7 +156,7 @@ def add_sums_(x: torch.Tensor, sums: torch.Tensor, limit_bytes: int = DEFAULT_TE
 def subtract_means_(x: torch.Tensor, means: torch.Tensor, limit_bytes: int = DEFAULT_TEMP_BYTES, scratch: torch.Tensor | None = None) -> None:
     """``x -= means`` in place, computed in fp32 (``means`` is fp32) and rounded once
     to ``x.dtype``."""
-    if is_small(x, limit_bytes):
+    if fits_mixed_kernels(x, limit_bytes):
         x.sub_(means)
         return
     for xc, mc in _chunks(x, means, _chunk_elems(limit_bytes, x.device)):
@@ -158,7 +170,7 @@ def centralize_in_one_pass_(x: torch.Tensor, means: torch.Tensor, dims: tuple[in
     as few kernels as ``x.sub_(x.mean(dims, keepdim=True))`` (plus one cast each way
     for 16-bit ``x``, in ``scratch``). Returns False, doing nothing, when ``x`` needs
     the chunked path."""
-    if is_small(x, limit_bytes):
+    if fits_mixed_kernels(x, limit_bytes):
         torch.mean(x, dims, keepdim=True, dtype=torch.float32, out=means)
         x.sub_(means)
         return True

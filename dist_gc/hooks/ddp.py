@@ -26,9 +26,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from ..core.centralize import centralize_
+from ..adapters._common import param_names
+from ..adapters.plain import describe_params
 from ..core.config import GCConfig
-from ..core.select import Target, clean_name, detect_output_dims, resolve_targets
+from ..core.select import Target, detect_output_dims
+from ..engine.engine import GCEngine, GCStats
+from ..engine.layout import TensorLayout, Whole, plan_tensor
+from ..planner import plan
 
 __all__ = ["GCHookState", "gc_allreduce_hook", "gc_wrapper"]
 
@@ -37,8 +41,8 @@ Hook = Callable[[Any, dist.GradBucket], torch.futures.Future]
 
 @dataclass(slots=True)
 class GCHookState:
-    """State of the GC comm hooks: per-parameter GC decisions, the process group for
-    :func:`gc_allreduce_hook`, and the state handed to a wrapped hook."""
+    """State of the GC comm hooks: the planner's GC decision per parameter, the process
+    group for :func:`gc_allreduce_hook`, and the state handed to a wrapped hook."""
 
     config: GCConfig
     targets: dict[int, Target]
@@ -46,28 +50,49 @@ class GCHookState:
     process_group: Any = None
     inner_state: Any = None
     """Passed to the hook that :func:`gc_wrapper` wraps (e.g. a process group)."""
-    skipped: dict[str, str] = field(default_factory=dict)
+    stats: GCStats = field(default_factory=GCStats)
+    """Statistics of the last bucket centralized (``bytes_communicated`` is always 0)."""
+    _engines: dict = field(default_factory=dict)
+    _grads: list = field(default_factory=list)
 
     @classmethod
     def from_model(cls, ddp_model: torch.nn.Module, config: "GCConfig | dict | None" = None, *, process_group: Any = None, inner_state: Any = None) -> "GCHookState":
+        """Plan GC for every parameter of ``ddp_model`` (raises ``ValueError`` on a config
+        that does not fit the model, before any communication)."""
         config = GCConfig.from_dict(config) if isinstance(config, dict) else (config or GCConfig())
-        named = [(clean_name(n), p) for n, p in ddp_model.named_parameters()]
-        targets = resolve_targets([(n, tuple(p.shape)) for n, p in named], config, detect_output_dims(ddp_model))
-        if not config.enabled:
-            targets = {n: Target(t.name, t.shape, None, None, "disabled") for n, t in targets.items()}
+        names = param_names(ddp_model)
+        named = [(names[id(p)], p) for p in ddp_model.parameters()]
+        layouts, _ = describe_params(named)
+        targets = plan(layouts, config, detect_output_dims(ddp_model)).targets
         by_id = {id(p): targets[n] for n, p in named}
-        skipped = {n: t.reason for n, t in targets.items() if t.geometry is None}
-        return cls(config, by_id, process_group, inner_state if inner_state is not None else process_group, skipped)
+        return cls(config, by_id, process_group, inner_state if inner_state is not None else process_group)
+
+    def _engine(self, params: list[torch.Tensor]) -> GCEngine:
+        """The engine of one bucket's parameter list (DDP rebuilds its buckets after the
+        first iteration, so engines are cached by the parameters they hold)."""
+        key = tuple(id(p) for p in params)
+        if key not in self._engines:
+            plans = []
+            for k, p in enumerate(params):
+                t = self.targets.get(id(p))
+                if t is None:
+                    raise RuntimeError(f"dist_gc: DDP bucket holds a parameter of shape {tuple(p.shape)} the GC hook state does not know")
+                if t.geometry is not None:
+                    plans.append(plan_tensor(TensorLayout(t.name, t.shape, Whole(k)), t.geometry, t.output_dim))
+            n = len(params)
+            self._engines[key] = GCEngine(plans, [lambda k=k: self._grads[k] for k in range(n)], full_stats=self.config.full_stats)
+        return self._engines[key]
 
 
 def _centralize_bucket(state: GCHookState, bucket: dist.GradBucket) -> None:
-    with torch.no_grad():
-        for p, g in zip(bucket.parameters(), bucket.gradients()):
-            t = state.targets.get(id(p))
-            if t is None:
-                raise RuntimeError(f"dist_gc: DDP bucket holds a parameter of shape {tuple(p.shape)} the GC hook state does not know")
-            if t.geometry is not None:
-                centralize_(g, mode=state.config.mode, output_dim=t.output_dim or 0)
+    engine = state._engine(list(bucket.parameters()))
+    if not engine.plans:
+        return
+    state._grads = list(bucket.gradients())
+    try:
+        state.stats = engine.step()
+    finally:
+        state._grads = []
 
 
 def gc_allreduce_hook(state: GCHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

@@ -33,7 +33,6 @@ uniqueness) and then gives each unit its own :class:`FSDPGCHookState`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -41,9 +40,10 @@ import torch
 
 from ..adapters.fsdp1 import describe_units
 from ..core.config import GCConfig
-from ..core.select import detect_output_dims, resolve_targets
+from ..core.select import detect_output_dims
 from ..engine.engine import GCEngine, GCStats
-from ..engine.layout import plan_flat_shard
+from ..engine.layout import TensorLayout, Whole
+from ..planner import plan
 
 __all__ = ["FSDPGCHookState", "gc_fsdp_hook", "register_fsdp_gc_hook"]
 
@@ -111,20 +111,16 @@ def register_fsdp_gc_hook(
     units = describe_units(fsdp_model)
     if not units:
         raise ValueError("register_fsdp_gc_hook: no FSDP1 (FullyShardedDataParallel) unit with parameters found in fsdp_model")
-    targets = resolve_targets([(t.name, t.shape) for u in units for t in u.tensors], config, detect_output_dims(fsdp_model))
+    # The local unsharded gradient holds every tensor of a unit whole, at its flat
+    # offset: one source per unit, no reductions, no extra communication.
+    layouts = [TensorLayout(t.name, t.shape, Whole(0, t.flat_offset), phase=k) for k, u in enumerate(units) for t in u.tensors]
+    gc_plan = plan(layouts, config, detect_output_dims(fsdp_model), phases=len(units))
     make_hook_state = make_hook_state or default_hooks.DefaultState
     hook = hook or _default_hook
     states: dict[str, FSDPGCHookState] = {}
     by_module: dict[int, FSDPGCHookState] = {}
-    for u in units:
+    for u, plans in zip(units, gc_plan.phases):
         state = FSDPGCHookState(u.name, None, hook, make_hook_state(u.module.process_group))
-        plans = []
-        for t in u.tensors:
-            target = targets[t.name]
-            if config.enabled and target.geometry is not None:
-                # The local unsharded gradient holds the whole tensor at its flat offset:
-                # a single range, so no reductions and no extra communication.
-                plans.append(plan_flat_shard(t.name, target.geometry, ranges=[(0, math.prod(t.shape))], rank=0, group=None, source=0, offset=t.flat_offset))
         if plans:
             state.engine = GCEngine(plans, [lambda s=state: s.grad[0]], full_stats=config.full_stats)
         states[u.name] = state

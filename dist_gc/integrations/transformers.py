@@ -28,7 +28,7 @@ from transformers import TrainerCallback
 
 from ..attach import GCHandle
 from ..core.config import GCConfig
-from .accelerate import attach as attach_accelerate
+from ..accelerate import attach as attach_accelerate
 
 __all__ = ["DistGCCallback"]
 

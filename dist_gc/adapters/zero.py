@@ -34,18 +34,18 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
-from ..core.config import GCConfig
-from ..core.select import clean_name, detect_output_dims, resolve_targets
-from ..engine.engine import GCEngine
-from ..engine.layout import TensorPlan, flat_regions, plan_flat_shard, plan_full_tensor
-from . import Binding, warn_if_untested
+from ..core.select import detect_output_dims
+from ..engine.collectives import raise_on_every_rank
+from ..engine.layout import FlatShard, TensorLayout, Whole
+from . import Description
+from ._common import equal_partition_ranges, param_names, require_attrs, warn_if_untested
 
-__all__ = ["bind", "TESTED_VERSIONS", "equal_partition_ranges"]
+__all__ = ["describe", "TESTED_VERSIONS"]
 
 #: DeepSpeed ``major.minor`` versions whose internals this adapter was tested against.
 TESTED_VERSIONS = ("0.19",)
@@ -55,56 +55,11 @@ TESTED_VERSIONS = ("0.19",)
 _SELF_COMMUNICATING = ("OnebitAdam", "OnebitLamb", "ZeroOneAdam")
 
 
-# --------------------------------------------------------------------------- layout math
-def equal_partition_ranges(offset: int, numel: int, partition_size: int, world: int) -> list[tuple[int, int]]:
-    """Element ranges (of a tensor's own flattening) that each of ``world`` equal
-    partitions of a flat buffer holds, for a tensor stored at ``[offset, offset+numel)``
-    of that buffer. Empty ranges are ``(0, 0)``."""
-    out = []
-    for r in range(world):
-        lo, hi = max(offset, r * partition_size), min(offset + numel, (r + 1) * partition_size)
-        out.append((lo - offset, hi - offset) if hi > lo else (0, 0))
-    return out
-
-
-@dataclass(frozen=True, slots=True)
-class _Piece:
-    """Elements ``[start, end)`` of parameter ``name`` held by this rank at
-    ``sources[source][offset : offset + end - start]``."""
-
-    name: str
-    param: torch.nn.Parameter
-    source: int
-    start: int
-    end: int
-    offset: int
-
-
-@dataclass(slots=True)
-class _Layout:
-    """Every (trainable) parameter's place in the optimizer's local buffers."""
-
-    shapes: dict[str, tuple[int, ...]]
-    # name -> (ranges per rank, rank, group, source, offset); group None = held whole.
-    shards: dict[str, tuple[list[tuple[int, int]], int, Any, int, int]]
-    phase_of_name: dict[str, int]
-    pieces: list[_Piece]
-    flat_offsets: dict[str, tuple[int, int]] = field(default_factory=dict)
-    """name -> (group, offset in the group's flat 16-bit buffer), where DeepSpeed keeps one."""
-    params: dict[str, Any] = field(default_factory=dict)
-
-
 # --------------------------------------------------------------------------- checks
-def _require(obj: Any, what: str, attrs: Sequence[str]) -> None:
-    missing = [a for a in attrs if not hasattr(obj, a)]
-    if missing:
-        import deepspeed
+def _require(obj: Any, what: str, attrs: list[str]) -> None:
+    import deepspeed
 
-        raise RuntimeError(
-            f"dist_gc: unrecognised DeepSpeed {deepspeed.__version__} internals: {what} "
-            f"({type(obj).__name__}) lacks {', '.join(missing)}; dist_gc was tested with DeepSpeed "
-            f"{', '.join(v + '.x' for v in TESTED_VERSIONS)}. Pin a tested version or report this."
-        )
+    require_attrs(obj, attrs, what, package="DeepSpeed", version=deepspeed.__version__, tested=TESTED_VERSIONS)
 
 
 def _check_version() -> None:
@@ -157,62 +112,82 @@ def _refuse(engine: Any, stage: int) -> None:
         )
 
 
-def _inner_optimizer(engine: Any, stage: int) -> Any:
-    """The torch optimizer whose ``step`` applies the update."""
+def _wrapper_kinds() -> dict[type, "Callable[[Any, dict[int, str]], _Masters]"]:
+    """How each DeepSpeed optimizer wrapper keeps its fp32 masters (see the module
+    docstring): wrapper class -> function describing them."""
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
     from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
+    return {
+        DeepSpeedZeroOptimizer: _zero12_masters,
+        DeepSpeedZeroOptimizer_Stage3: _zero3_masters,
+        BF16_Optimizer: _bf16_masters,
+        FP16_Optimizer: _fused_fp16_masters,
+        FP16_UnfusedOptimizer: _unfused_fp16_masters,
+    }
+
+
+def _kind_of(wrapper: Any) -> "Callable[[Any, dict[int, str]], _Masters] | None":
+    kinds = _wrapper_kinds()
+    return next((kinds[c] for c in type(wrapper).__mro__ if c in kinds), None)
+
+
+def _inner_optimizer(engine: Any, stage: int) -> Any:
+    """The torch optimizer whose ``step`` applies the update."""
     opt = engine.optimizer
     if opt is None:
         raise ValueError("dist_gc: this DeepSpeed engine has no optimizer (pass one, or an \"optimizer\" block)")
-    if stage > 0 or isinstance(opt, (BF16_Optimizer, FP16_Optimizer, FP16_UnfusedOptimizer)):
+    if stage > 0 or _kind_of(opt) is not None:
         _require(opt, "the ZeRO/precision optimizer wrapper", ["optimizer"])
         return opt.optimizer
     return opt
 
 
-# --------------------------------------------------------------------------- layouts
-def _names(engine: Any) -> dict[int, str]:
-    names: dict[int, str] = {}
-    for name, p in engine.module.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), clean_name(name))
-    return names
+# --------------------------------------------------------------------------- masters
+@dataclass(slots=True)
+class _Masters:
+    """Where one wrapper keeps the fp32 master of every trainable parameter."""
+
+    layouts: list[TensorLayout]
+    masters: list[torch.Tensor]
+    """The fp32 master tensors the inner optimizer steps; ``layouts`` index them."""
+    params: dict[str, Any]
+    """``{name: 16-bit parameter}``: the value each master was copied from."""
+    phased: bool = False
+    """The wrapper steps the inner optimizer once per master tensor (ZeRO-1/2: per
+    param group; ZeRO-3: per sub-group)."""
+    flats: list[torch.Tensor] | None = None
+    """The wrapper's flat 16-bit buffers, which every 16-bit param is a view of..."""
+    flat_offsets: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """... at ``{name: (buffer index, element offset)}``."""
 
 
 def _name(names: dict[int, str], p: Any, where: str) -> str:
     return names.get(id(p), where)
 
 
-def _flat_groups_layout(
-    groups: list[list[Any]],
-    offsets: list[list[int]],
-    partition_sizes: list[int],
-    process_groups: list[Any],
-    names: dict[int, str],
-    first_source: int = 0,
-) -> _Layout:
+def _flat_group_masters(groups: list[list[Any]], offsets: list[list[int]], partition_sizes: list[int],
+                        process_groups: list[Any], names: dict[int, str], masters: list[torch.Tensor],
+                        flats: list[torch.Tensor], phased: bool) -> _Masters:
     """ZeRO-1/2 and BF16_Optimizer: group ``i``'s params at ``offsets[i]`` of a flat
-    buffer cut into equal partitions of ``partition_sizes[i]``; source ``first_source+i``
-    is this rank's partition."""
-    layout = _Layout({}, {}, {}, [])
+    buffer cut into equal partitions of ``partition_sizes[i]``; ``masters[i]`` is this
+    rank's partition."""
+    out = _Masters([], masters, {}, phased, flats)
     for i, (params, offs, psize, pg) in enumerate(zip(groups, offsets, partition_sizes, process_groups)):
         world, rank = dist.get_world_size(pg), dist.get_rank(pg)
         for j, (p, off) in enumerate(zip(params, offs)):
             name = _name(names, p, f"param_groups[{i}][{j}]")
             ranges = equal_partition_ranges(off, p.numel(), psize, world)
             local = max(off, rank * psize) - rank * psize
-            layout.shapes[name] = tuple(p.shape)
-            layout.shards[name] = (ranges, rank, pg, first_source + i, local)
-            layout.flat_offsets[name], layout.params[name] = (i, off), p
-            layout.phase_of_name[name] = i
-            s, e = ranges[rank]
-            if e > s:
-                layout.pieces.append(_Piece(name, p, first_source + i, s, e, local))
-    return layout
+            out.layouts.append(TensorLayout(name, tuple(p.shape), FlatShard(i, local, ranges, rank, pg), phase=i if phased else 0))
+            out.params[name], out.flat_offsets[name] = p, (i, off)
+    return out
 
 
-def _zero12_layout(opt: Any, names: dict[int, str]) -> _Layout:
+def _zero12_masters(opt: Any, names: dict[int, str]) -> _Masters:
     _require(
         opt,
         "DeepSpeedZeroOptimizer (ZeRO-1/2)",
@@ -226,16 +201,21 @@ def _zero12_layout(opt: Any, names: dict[int, str]) -> _Layout:
                 f"dist_gc: DeepSpeed ZeRO param group {i}: partition_size {opt.partition_size[i]} x {world} ranks "
                 f"!= flat buffer size {flat.numel()}; unrecognised partitioning"
             )
-    return _flat_groups_layout(
+    # Layouts come from the round-robin order DeepSpeed flattened in, never from its
+    # _hp_mapping fragment map (wrong with round_robin_gradients in 0.19.x).
+    return _flat_group_masters(
         [list(g) for g in opt.round_robin_bit16_groups],
         [list(o) for o in opt.round_robin_bit16_offsets],
         list(opt.partition_size),
         list(opt.real_dp_process_group),
         names,
+        list(opt.single_partition_of_fp32_groups),
+        list(opt.bit16_groups_flat),
+        phased=True,
     )
 
 
-def _bf16_layout(opt: Any, names: dict[int, str]) -> _Layout:
+def _bf16_masters(opt: Any, names: dict[int, str]) -> _Masters:
     _require(opt, "BF16_Optimizer", ["bf16_groups", "bf16_groups_flat", "fp32_groups_flat_partition", "real_dp_process_group"])
     offsets, sizes = [], []
     for i, params in enumerate(opt.bf16_groups):
@@ -247,16 +227,18 @@ def _bf16_layout(opt: Any, names: dict[int, str]) -> _Layout:
             acc += p.numel()
         offsets.append(offs)
         sizes.append(opt.bf16_groups_flat[i].numel() // dist.get_world_size(opt.real_dp_process_group[i]))
-    return _flat_groups_layout(opt.bf16_groups, offsets, sizes, list(opt.real_dp_process_group), names)
+    # BF16_Optimizer steps every group in one call: one phase.
+    return _flat_group_masters(opt.bf16_groups, offsets, sizes, list(opt.real_dp_process_group), names,
+                               list(opt.fp32_groups_flat_partition), list(opt.bf16_groups_flat), phased=False)
 
 
-def _zero3_layout(opt: Any, names: dict[int, str]) -> _Layout:
+def _zero3_masters(opt: Any, names: dict[int, str]) -> _Masters:
     _require(
         opt,
         "DeepSpeedZeroOptimizer_Stage3",
         ["fp16_groups", "fp32_partitioned_groups_flat", "sub_group_process_groups", "fp16_partitioned_groups_flat_numel"],
     )
-    layout = _Layout({}, {}, {}, [])
+    out = _Masters([], list(opt.fp32_partitioned_groups_flat), {}, phased=True)
     for sg, params in enumerate(opt.fp16_groups):
         pg = opt.sub_group_process_groups[sg]
         world, rank = dist.get_world_size(pg), dist.get_rank(pg)
@@ -269,114 +251,131 @@ def _zero3_layout(opt: Any, names: dict[int, str]) -> _Layout:
                 raise RuntimeError(f"dist_gc: ZeRO-3 parameter {name!r}: partition {pn} x {world} ranks < numel {numel}")
             # Rank r holds elements [r*pn, (r+1)*pn) of the flattened parameter, the part
             # past numel being padding (last ranks only).
-            ranges = [(min(r * pn, numel), min((r + 1) * pn, numel)) for r in range(world)]
-            layout.shapes[name] = tuple(p.ds_shape)
-            layout.shards[name] = (ranges, rank, pg, sg, local)
-            layout.phase_of_name[name], layout.params[name] = sg, p
-            s, e = ranges[rank]
-            if e > s:
-                layout.pieces.append(_Piece(name, p, sg, s, e, local))
+            ranges = tuple((min(r * pn, numel), min((r + 1) * pn, numel)) for r in range(world))
+            out.layouts.append(TensorLayout(name, tuple(p.ds_shape), FlatShard(sg, local, ranges, rank, pg), phase=sg))
+            out.params[name] = p
             local += pn
         if local != opt.fp16_partitioned_groups_flat_numel[sg]:
             raise RuntimeError(
                 f"dist_gc: ZeRO-3 sub-group {sg}: partitions add up to {local} elements, DeepSpeed's flat buffer has "
                 f"{opt.fp16_partitioned_groups_flat_numel[sg]}; unrecognised partitioning"
             )
-    return layout
+    return out
 
 
-def _fused_fp16_layout(opt: Any, names: dict[int, str]) -> _Layout:
-    _require(opt, "FP16_Optimizer", ["fp16_groups", "fp32_groups_flat"])
-    layout = _Layout({}, {}, {}, [])
+def _fused_fp16_masters(opt: Any, names: dict[int, str]) -> _Masters:
+    """``FP16_Optimizer``: one flat fp32 master per group, whole on every rank."""
+    _require(opt, "FP16_Optimizer", ["fp16_groups", "fp32_groups_flat", "fp16_groups_flat"])
+    out = _Masters([], list(opt.fp32_groups_flat), {}, phased=False, flats=list(opt.fp16_groups_flat))
     for i, params in enumerate(opt.fp16_groups):
         off = 0
         for j, p in enumerate(params):
             name = _name(names, p, f"param_groups[{i}][{j}]")
-            layout.shapes[name] = tuple(p.shape)
-            layout.shards[name] = ([(0, p.numel())], 0, None, i, off)
-            layout.flat_offsets[name], layout.params[name] = (i, off), p
-            layout.phase_of_name[name] = 0
-            layout.pieces.append(_Piece(name, p, i, 0, p.numel(), off))
+            out.layouts.append(TensorLayout(name, tuple(p.shape), Whole(i, off)))
+            out.params[name], out.flat_offsets[name] = p, (i, off)
             off += p.numel()
-    return layout
+    return out
 
 
-# --------------------------------------------------------------------------- verification
-def _verify_pieces(pieces: list[_Piece], sources: list[Callable[[], torch.Tensor]], full_value: Callable[[_Piece], torch.Tensor]) -> list[str]:
-    """Compare every planned piece of the fp32 master buffers with the parameter it
-    came from (DeepSpeed copies 16-bit params from the fp32 masters after every step,
-    and built the masters from the params: ``fp32.to(param.dtype) == param`` exactly)."""
+def _unfused_fp16_masters(opt: Any, names: dict[int, str]) -> _Masters:
+    """``FP16_UnfusedOptimizer``: a whole-tensor fp32 copy of each (all-reduced) param."""
+    _require(opt, "FP16_UnfusedOptimizer", ["fp16_groups", "fp32_groups"])
+    out = _Masters([], [], {})
+    for i, (lps, hps) in enumerate(zip(opt.fp16_groups, opt.fp32_groups)):
+        for j, (lp, hp) in enumerate(zip(lps, hps)):
+            name = _name(names, lp, f"param_groups[{i}][{j}]")
+            out.layouts.append(TensorLayout(name, tuple(lp.shape), Whole(len(out.masters))))
+            out.masters.append(hp)
+            out.params[name] = lp
+    return out
+
+
+# --------------------------------------------------------------------------- value checks
+def _held(layout: TensorLayout) -> tuple[int, int, int]:
+    """``(start, end, offset)``: the elements of the tensor's flattening this rank holds
+    and where they start in their master tensor."""
+    where = layout.where
+    if isinstance(where, FlatShard):
+        start, end = where.ranges[where.rank]
+        return start, end, where.offset
+    numel = 1
+    for s in layout.shape:
+        numel *= s
+    return 0, numel, where.offset or 0
+
+
+def _check_values(layouts: list[TensorLayout], masters: list[torch.Tensor], params: dict[str, Any]) -> list[str]:
+    """Compare every planned piece of the fp32 masters with the parameter it came from
+    (DeepSpeed built the masters from the params and copies the 16-bit params from the
+    masters after every step: ``fp32.to(param.dtype) == param`` exactly)."""
     errors = []
-    for pc in pieces:
-        master = sources[pc.source]().view(-1)[pc.offset : pc.offset + pc.end - pc.start]
-        value = full_value(pc).reshape(-1)[pc.start : pc.end]
+    for layout in layouts:
+        start, end, offset = _held(layout)
+        if end <= start:
+            continue
+        master = masters[layout.where.source].view(-1)[offset : offset + end - start]
+        value = params[layout.name].data.reshape(-1)[start:end]
         if not torch.equal(master.to(value.dtype).cpu(), value.detach().cpu()):
-            errors.append(f"{pc.name} elements [{pc.start}, {pc.end}) at offset {pc.offset} of master buffer {pc.source}")
+            errors.append(f"{layout.name} elements [{start}, {end}) at offset {offset} of master buffer {layout.where.source}")
     return errors
 
 
-def _verify_storage(layout: _Layout, flats: list[torch.Tensor] | None) -> list[str]:
+def _check_storage(m: _Masters) -> list[str]:
     """ZeRO-1/2 and the bf16/fp16 wrappers make every 16-bit param a view of their flat
     buffer: its storage offset must be the flat offset the layout assumed."""
-    if flats is None:
-        return []
     errors = []
-    for name, (i, off) in layout.flat_offsets.items():
-        p, flat = layout.params[name], flats[i]
+    for name, (i, off) in m.flat_offsets.items():
+        p, flat = m.params[name], m.flats[i]
         got = (p.data.data_ptr() - flat.data_ptr()) // flat.element_size()
         if got != off:
             errors.append(f"{name} lives at element {got} of flat group {i}, layout says {off}")
     return errors
 
 
-def _verify_zero3_storage(opt: Any, layout: _Layout) -> list[str]:
+def _check_zero3_storage(opt: Any, m: _Masters) -> list[str]:
     """ZeRO-3 keeps each 16-bit partition (``ds_tensor``) as a view of its sub-group's
     flat buffer (unless parameters are offloaded): its offset there must be the local
     offset the layout assumed for the fp32 sub-group buffer."""
     errors = []
     flats = getattr(opt, "fp16_partitioned_groups_flat", None) or []
-    for name, (ranges, rank, group, sg, offset) in layout.shards.items():
+    for layout in m.layouts:
+        sg, offset = layout.where.source, layout.where.offset
         flat = flats[sg] if sg < len(flats) else None
-        p = layout.params[name]
+        p = m.params[layout.name]
         if flat is None or p.ds_tensor is None or p.ds_tensor.numel() == 0:
             continue
         got = (p.ds_tensor.data_ptr() - flat.data_ptr()) // flat.element_size()
         if 0 <= got < flat.numel() and got != offset:
-            errors.append(f"{name}'s partition lives at element {got} of sub-group {sg}, layout says {offset}")
+            errors.append(f"{layout.name}'s partition lives at element {got} of sub-group {sg}, layout says {offset}")
     return errors
 
 
-def _raise_everywhere(errors: list[str], group: Any, what: str) -> None:
-    """Raise on every rank when any rank found a layout error (never a hang: all ranks
-    reach this collective, then all raise or none does)."""
-    flag = torch.tensor([1 if errors else 0], dtype=torch.int64, device=GCEngine._comm_device(group))
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-    if flag.item():
-        detail = "; ".join(errors[:5]) + (f" (+{len(errors) - 5} more)" if len(errors) > 5 else "") if errors else "on another rank"
-        raise RuntimeError(
-            f"dist_gc: the {what} layout dist_gc derived from DeepSpeed's partition metadata does not match the "
-            f"fp32 master values ({detail}); refusing to run GC on a wrong layout"
+def _value_check(stage: int, wrapper: Any, m: _Masters) -> Callable[[], None]:
+    def check() -> None:
+        if stage == 3:
+            import deepspeed
+
+            errors = _check_zero3_storage(wrapper, m)
+            # Gather one sub-group at a time (collective, same order on every rank).
+            for sg, params in enumerate(wrapper.fp16_groups):
+                with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                    errors += _check_values([l for l in m.layouts if l.where.source == sg], m.masters, m.params)
+        else:
+            # ZeRO-1/2, BF16_Optimizer, FP16_Optimizer and FP16_UnfusedOptimizer keep
+            # every 16-bit param whole on every rank (a view into their flat buffer).
+            errors = _check_values(m.layouts, m.masters, m.params)
+            if m.flats is not None:
+                errors += _check_storage(m)
+        raise_on_every_rank(
+            errors, None,
+            f"dist_gc: the ZeRO-{stage} layout dist_gc derived from DeepSpeed's partition metadata does not match the "
+            "fp32 master values; refusing to run GC on a wrong layout",
         )
 
-
-# --------------------------------------------------------------------------- bind
-def _plans(layout: _Layout, targets: dict, n_phases: int) -> tuple[list[TensorPlan], list[list[int]]]:
-    plans: list[TensorPlan] = []
-    phases: list[list[int]] = [[] for _ in range(n_phases)]
-    for name, (ranges, rank, group, source, offset) in layout.shards.items():
-        t = targets[name]
-        if t.geometry is None:
-            continue
-        if group is None:  # held whole by every rank (fused fp16 flat master)
-            regions = tuple(flat_regions(t.geometry, 0, ranges[0][1], source, offset))
-            plan = TensorPlan(name, t.geometry, t.geometry.channels, regions)
-        else:
-            plan = plan_flat_shard(name, t.geometry, ranges=ranges, rank=rank, group=group, source=source, offset=offset)
-        phases[layout.phase_of_name[name]].append(len(plans))
-        plans.append(plan)
-    return plans, phases
+    return check
 
 
+# --------------------------------------------------------------------------- describe
 def _phase_finder(stepping: dict[int, int], what: str) -> Callable[[torch.optim.Optimizer], int]:
     """ZeRO-1/2/3 step their optimizer with only one master tensor in ``param_groups``
     (the group / sub-group being updated); that tensor tells which phase runs."""
@@ -408,9 +407,20 @@ def _guard(engine: Any, stage: int, wrapper: Any, inner: Any) -> Callable[[], No
     return handle.remove
 
 
-def bind(target: Any, model: Any, config: GCConfig) -> Binding | None:
-    ds = sys.modules.get("deepspeed")
-    if ds is None:
+def _label(engine: Any, stage: int, wrapper: Any, inner: Any) -> str:
+    precision = "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"
+    offload = bool(engine.zero_cpu_offload()) if stage > 0 else False
+    offload_param = stage == 3 and str(getattr(engine.zero_offload_param(), "device", "none")).endswith("cpu")
+    return (
+        f"DeepSpeed ZeRO-{stage} ({precision}, {type(wrapper).__name__}, {type(inner).__name__}"
+        + (", offload_optimizer=cpu" if offload else "")
+        + (", offload_param=cpu" if offload_param else "")
+        + ")"
+    )
+
+
+def describe(target: Any, model: Any) -> Description | None:
+    if sys.modules.get("deepspeed") is None:
         return None
     from deepspeed.runtime.engine import DeepSpeedEngine
 
@@ -421,109 +431,37 @@ def bind(target: Any, model: Any, config: GCConfig) -> Binding | None:
     _check_version()
     stage = int(engine.zero_optimization_stage())
     _refuse(engine, stage)
-    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
-    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
-    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
-
     wrapper = engine.optimizer
     inner = _inner_optimizer(engine, stage)
     if not isinstance(inner, torch.optim.Optimizer):
         raise ValueError(f"dist_gc: DeepSpeed steps a {type(inner).__name__}, not a torch.optim.Optimizer; cannot hook it")
-    names = _names(engine)
-    dims = detect_output_dims(engine.module)
-    precision = "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"
-    offload = bool(engine.zero_cpu_offload()) if stage > 0 else False
-    offload_param = stage == 3 and str(getattr(engine.zero_offload_param(), "device", "none")).endswith("cpu")
-    label = (
-        f"DeepSpeed ZeRO-{stage} ({precision}, {type(wrapper).__name__}, {type(inner).__name__}"
-        + (", offload_optimizer=cpu" if offload else "")
-        + (", offload_param=cpu" if offload_param else "")
-        + ")"
-    )
+    label = _label(engine, stage, wrapper, inner)
     on_remove = [_guard(engine, stage, wrapper, inner)]
 
-    if stage == 0 and not isinstance(wrapper, (BF16_Optimizer, FP16_Optimizer, FP16_UnfusedOptimizer)):
-        # Plain optimizer on whole tensors, gradients already all-reduced: the plain
-        # adapter's layout is exact.
-        from .plain import bind as bind_plain
+    kind = _kind_of(wrapper)
+    if kind is None:
+        if stage != 0:
+            raise ValueError(f"dist_gc: unsupported DeepSpeed configuration: ZeRO stage {stage} with {type(wrapper).__name__}")
+        # Stage 0 without a precision wrapper: the plain optimizer on whole tensors,
+        # gradients already all-reduced — the plain adapter's layout is exact.
+        from .plain import describe as describe_plain
 
-        binding = bind_plain(inner, engine.module, config)
-        binding.engine, binding.on_remove = label, binding.on_remove + on_remove
-        return binding
+        found = describe_plain(inner, engine.module)
+        found.label, found.on_remove = label, found.on_remove + on_remove
+        return found
 
-    if isinstance(wrapper, FP16_UnfusedOptimizer):
-        # Whole-tensor fp32 copies of each (all-reduced) 16-bit parameter.
-        _require(wrapper, "FP16_UnfusedOptimizer", ["fp16_groups", "fp32_groups"])
-        pairs = [(_name(names, lp, f"param_groups[{i}][{j}]"), lp, hp)
-                 for i, (lps, hps) in enumerate(zip(wrapper.fp16_groups, wrapper.fp32_groups))
-                 for j, (lp, hp) in enumerate(zip(lps, hps))]
-        targets = resolve_targets([(n, tuple(lp.shape)) for n, lp, _ in pairs], config, dims)
-        plans, sources = [], []
-        for name, lp, hp in pairs:
-            t = targets[name]
-            if t.geometry is not None:
-                plans.append(plan_full_tensor(name, t.geometry, len(sources), t.shape, t.output_dim))
-                sources.append(lambda hp=hp: hp.grad)
-        pieces = [_Piece(n, lp, k, 0, lp.numel(), 0) for k, (n, lp, hp) in enumerate(pairs)]
-        all_sources = [lambda hp=hp: hp for _, _, hp in pairs]
-
-        def verify() -> None:
-            errors = _verify_pieces(pieces, all_sources, lambda pc: pc.param.data)
-            _raise_everywhere(errors, None, "fp16/bf16 master copy")
-
-        return Binding(inner, plans, sources, targets, engine=label, on_remove=on_remove, verify=verify)
-
-    if isinstance(wrapper, FP16_Optimizer):
-        layout = _fused_fp16_layout(wrapper, names)
-        masters = wrapper.fp32_groups_flat
-        n_phases, phase = 1, None
-    elif isinstance(wrapper, BF16_Optimizer):
-        layout = _bf16_layout(wrapper, names)
-        masters = wrapper.fp32_groups_flat_partition
-        # BF16_Optimizer steps every group in one call.
-        layout.phase_of_name = dict.fromkeys(layout.phase_of_name, 0)
-        n_phases, phase = 1, None
-    elif stage in (1, 2):
-        layout = _zero12_layout(wrapper, names)
-        masters = wrapper.single_partition_of_fp32_groups
-        n_phases = len(masters)
-        phase = _phase_finder({id(m): i for i, m in enumerate(masters)}, f"ZeRO-{stage}")
-    elif stage == 3:
-        layout = _zero3_layout(wrapper, names)
-        masters = wrapper.fp32_partitioned_groups_flat
-        n_phases = len(masters)
-        phase = _phase_finder({id(m): i for i, m in enumerate(masters)}, "ZeRO-3")
-    else:
-        raise ValueError(f"dist_gc: unsupported DeepSpeed configuration: ZeRO stage {stage} with {type(wrapper).__name__}")
-
-    # Targets from original names and GLOBAL shapes of every parameter the optimizer
-    # updates (pattern validation raises here, before any collective).
-    flats = getattr(wrapper, "bit16_groups_flat", None) or getattr(wrapper, "bf16_groups_flat", None) or getattr(wrapper, "fp16_groups_flat", None)
-    targets = resolve_targets(list(layout.shapes.items()), config, dims)
-    plans, phases = _plans(layout, targets, n_phases)
-    sources = [lambda m=m: m.grad for m in masters]
-    values = [lambda m=m: m for m in masters]
-
-    def verify() -> None:
-        if stage == 3:
-            import deepspeed
-
-            errors = _verify_zero3_storage(wrapper, layout)
-            # Gather one sub-group at a time (collective, same order on every rank).
-            for sg, params in enumerate(wrapper.fp16_groups):
-                mine = [pc for pc in layout.pieces if pc.source == sg]
-                with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                    errors += _verify_pieces(mine, values, lambda pc: pc.param.data)
-        else:
-            # ZeRO-1/2, BF16_Optimizer, FP16_Optimizer keep every 16-bit param whole on
-            # every rank (a view into their flat buffer).
-            errors = _verify_pieces(layout.pieces, values, lambda pc: pc.param.data)
-            errors += _verify_storage(layout, flats)
-        _raise_everywhere(errors, None, f"ZeRO-{stage}")
-
-    return Binding(
-        inner, plans, sources, targets, engine=label, on_remove=on_remove, verify=verify,
-        phases=phases if phase is not None else None, phase=phase,
+    m = kind(wrapper, param_names(engine.module))
+    phased = m.phased and len(m.masters) > 0
+    return Description(
+        optimizer=inner,
+        layouts=m.layouts,
+        sources=[lambda t=t: t.grad for t in m.masters],
+        label=label,
+        output_dims=detect_output_dims(engine.module),
+        phases=len(m.masters) if phased else 1,
+        phase_of=_phase_finder({id(t): i for i, t in enumerate(m.masters)}, f"ZeRO-{stage}") if phased else None,
+        check=_value_check(stage, wrapper, m),
+        on_remove=on_remove,
     )
 
 

@@ -19,21 +19,21 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from ..core.config import GCConfig
-from . import Binding, warn_if_untested
+from . import Description
+from ._common import warn_if_untested
 
-__all__ = ["bind", "TESTED_VERSIONS"]
+__all__ = ["describe", "TESTED_VERSIONS"]
 
 #: accelerate ``major.minor`` versions this adapter was tested against.
 TESTED_VERSIONS = ("1.15",)
 
 
-def bind(target: Any, model: Any, config: GCConfig) -> Binding | None:
+def describe(target: Any, model: Any) -> Description | None:
     if "accelerate" not in sys.modules or type(target).__module__.split(".")[0] != "accelerate":
         return None
     from accelerate.optimizer import AcceleratedOptimizer
 
-    from . import bind as bind_any
+    from . import describe as describe_any
 
     if not isinstance(target, AcceleratedOptimizer):
         raise ValueError(
@@ -51,11 +51,11 @@ def bind(target: Any, model: Any, config: GCConfig) -> Binding | None:
                 "dist_gc.attach: model= is a DeepSpeedEngine whose optimizer is not the one this accelerate wrapper "
                 "holds; pass the model and optimizer returned by the same accelerator.prepare call"
             )
-        binding = bind_any(engine, None, config)
+        found = describe_any(engine, None)
     else:
-        binding = bind_any(inner, model, config)
-    binding.engine = f"accelerate/{binding.engine}"
-    return binding
+        found = describe_any(inner, model)
+    found.label = f"accelerate/{found.label}"
+    return found
 
 
 def _check_version() -> None:

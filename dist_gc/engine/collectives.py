@@ -1,0 +1,38 @@
+"""The few collective helpers every layer shares: which device a group communicates on,
+and "raise on every rank when any rank found a problem" (never a hang)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["comm_device", "raise_on_every_rank"]
+
+
+def comm_device(group: Any = None) -> torch.device:
+    """The device tensors must live on for collectives over ``group``: the current CUDA
+    device for NCCL, the CPU for gloo (and any other backend)."""
+    backend = dist.get_backend(group)
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+def raise_on_every_rank(errors: Sequence[str], group: Any, message: str, *, exc: type[Exception] = RuntimeError, limit: int = 5) -> None:
+    """One MAX all-reduce of an error flag over ``group``; then every rank raises
+    ``exc(message: details)`` if any rank had ``errors``, or none does.
+
+    Every rank of ``group`` must call it (it is a collective), with or without errors.
+    A rank without errors of its own says the problem is on another rank."""
+    if dist.is_available() and dist.is_initialized():
+        flag = torch.tensor([1 if errors else 0], dtype=torch.int64, device=comm_device(group))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        failed = bool(flag.item())
+    else:
+        failed = bool(errors)
+    if failed:
+        if errors:
+            detail = "; ".join(errors[:limit]) + (f" (+{len(errors) - limit} more)" if len(errors) > limit else "")
+        else:
+            detail = "on another rank"
+        raise exc(f"{message} ({detail})")

@@ -1,0 +1,73 @@
+"""The one planner: layouts + config -> which tensors GC centralizes, and how.
+
+Every entry point goes through :func:`plan`: ``dist_gc.attach`` (for every engine
+adapter), both communication hooks and the CLI's oracle. Adapters only say WHERE each
+parameter's gradient lives (:class:`~dist_gc.engine.layout.TensorLayout`); the planner
+applies the selection rules once (``include``/``exclude`` patterns, ``min_ndim``,
+output dims, degenerate tensors — :func:`~dist_gc.core.select.resolve_targets`) to the
+ORIGINAL names and GLOBAL shapes, so the same rules hold on every engine, and builds
+the :class:`~dist_gc.engine.layout.TensorPlan` of every target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from .core.config import GCConfig
+from .core.select import Target, resolve_targets
+from .engine.layout import TensorLayout, TensorPlan, plan_tensor
+
+__all__ = ["Plan", "plan"]
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The GC decision for every described parameter and the plans of the targets."""
+
+    targets: dict[str, Target]
+    """``{name: Target}`` for every parameter described (skipped ones included)."""
+    phases: tuple[tuple[TensorPlan, ...], ...]
+    """Plans of the centralized targets, one tuple per optimizer phase."""
+
+    @property
+    def centralized(self) -> list[str]:
+        return [p.name for phase in self.phases for p in phase]
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """``{name: reason}`` for every parameter GC leaves alone."""
+        return {n: t.reason for n, t in self.targets.items() if t.geometry is None}
+
+    @property
+    def plans(self) -> list[TensorPlan]:
+        return [p for phase in self.phases for p in phase]
+
+
+def plan(layouts: Sequence[TensorLayout], config: GCConfig, output_dims: Mapping[str, int] | None = None, *, phases: int = 1) -> Plan:
+    """Select targets among ``layouts`` by ``config`` and plan each one.
+
+    ``output_dims``: detected ``{name: output dim}`` (overridden by ``config.output_dim``;
+    absent names get dim 0). ``phases``: how many ``step`` calls make one optimizer
+    step (``TensorLayout.phase`` indexes them). A disabled config selects nothing.
+
+    Raises ``ValueError`` (naming the key, the value and what is allowed) when a pattern
+    matches no parameter, an ``output_dim`` override is out of range, or — with
+    ``skip_degenerate=False`` — a selected tensor has single-element means; and when
+    two layouts share a name or a phase is out of range (an adapter bug)."""
+    names = [layout.name for layout in layouts]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"dist_gc: parameters described twice: {', '.join(dup[:5])}")
+    targets = resolve_targets([(layout.name, layout.shape) for layout in layouts], config, output_dims)
+    if not config.enabled:
+        targets = {n: Target(t.name, t.shape, None, None, "disabled") for n, t in targets.items()}
+    per_phase: list[list[TensorPlan]] = [[] for _ in range(phases)]
+    for layout in layouts:
+        t = targets[layout.name]
+        if t.geometry is None:
+            continue
+        if not 0 <= layout.phase < phases:
+            raise ValueError(f"dist_gc: {layout.name!r} is described in phase {layout.phase} of {phases}")
+        per_phase[layout.phase].append(plan_tensor(layout, t.geometry, t.output_dim))
+    return Plan(targets, tuple(tuple(p) for p in per_phase))
