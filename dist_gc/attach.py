@@ -5,17 +5,26 @@ parameters. That hook fires after the engine's gradient reduction, loss-scale
 unscaling and gradient clipping, and before the update rule (so before Adam's moment
 estimates and before decoupled weight decay) — where the paper's SGD_GC/Adam_GC apply
 it. An engine that skips a step (fp16 overflow) does not call ``step``, so GC skips too.
+When ``step`` is given a closure (LBFGS, SAM, PyTorch Lightning's automatic
+optimization), the closure is wrapped so that GC runs right after each of its backward
+passes, on the gradients the update rule then consumes.
 
 The pipeline: an adapter describes where each gradient lives
 (:func:`dist_gc.adapters.describe`), the planner selects and plans the targets once
 (:func:`dist_gc.planner.plan`), and one :class:`~dist_gc.engine.engine.GCEngine` per
-optimizer phase runs them.
+optimizer phase runs them. At every ``step`` the handle checks, by identity, that the
+optimizer still holds the tensors that were planned.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+import os
+import sys
+import weakref
+from typing import Any, Callable
+
+import torch
 
 from .adapters import Description, describe
 from .core.config import GCConfig
@@ -27,32 +36,81 @@ __all__ = ["attach", "GCHandle"]
 
 log = logging.getLogger("dist_gc")
 
+#: The handle attached to each optimizer (one attach per optimizer).
+_HANDLES: "weakref.WeakKeyDictionary[Any, GCHandle]" = weakref.WeakKeyDictionary()
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (as ``logging.lastResort`` does),
+    so redirections made after import are honoured."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _setup_logging() -> None:
+    """The ``dist_gc`` logger prints INFO lines to stderr by default, like DeepSpeed's
+    (``DIST_GC_LOG_LEVEL`` changes the level; a handler the user adds replaces ours)."""
+    if getattr(log, "_dist_gc_configured", False):
+        return
+    log._dist_gc_configured = True  # type: ignore[attr-defined]
+    if not log.handlers:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("[dist_gc] %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(os.environ.get("DIST_GC_LOG_LEVEL", "INFO").upper())
+
+
+def _is_rank0() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _param_ids(optimizer: Any) -> tuple[int, ...]:
+    return tuple(id(p) for g in optimizer.param_groups for p in g["params"])
+
 
 class GCHandle:
     """Returned by :func:`attach`. ``stats`` describes the last step; ``remove()``
     restores plain behaviour exactly."""
 
-    def __init__(self, description: Description | None, gc_plan: Plan | None, config: GCConfig) -> None:
+    def __init__(self, description: Description | None, gc_plan: Plan | None, config: GCConfig, *,
+                 redescribe: Callable[[], Description] | None = None) -> None:
         self.config = config
         self.description = description
         self.plan = gc_plan
         self.engines: tuple[GCEngine, ...] = ()
+        self.replans = 0
+        """How many times the plan was re-derived because the optimizer's parameters changed."""
+        self._redescribe = redescribe
         self._hook = None
         self._stats = GCStats()
         if description is None or gc_plan is None:
             return
-        self._stats.centralized = gc_plan.centralized
-        self._stats.skipped = gc_plan.skipped
+        self._build(description, gc_plan)
+        self._hook = description.optimizer.register_step_pre_hook(self._pre_step)
+        _HANDLES[description.optimizer] = self
+
+    def _build(self, description: Description, gc_plan: Plan) -> None:
+        self.description, self.plan = description, gc_plan
+        self._stats = GCStats(centralized=gc_plan.centralized, skipped=gc_plan.skipped)
         # One engine per phase when the optimizer is stepped once per part of the
         # parameters (see Description.phases); each step call then centralizes its part.
-        self.engines = tuple(GCEngine(plans, description.sources, full_stats=config.full_stats) for plans in gc_plan.phases)
+        self.engines = tuple(GCEngine(plans, description.sources, full_stats=self.config.full_stats) for plans in gc_plan.phases)
+        # What the optimizer holds, by identity: checked at every step (cheap: no data).
+        self._planned_ids = None if description.phase_of is not None else _param_ids(description.optimizer)
         # Message sizes are derived independently on each rank; check they agree once
         # (collective, on every rank) so a layout bug fails here instead of hanging.
         for engine in self.engines:
             engine.verify_collectives()
         if description.check is not None:
             description.check()
-        self._hook = description.optimizer.register_step_pre_hook(self._pre_step)
 
     @property
     def enabled(self) -> bool:
@@ -79,12 +137,66 @@ class GCHandle:
         """Statistics of the last step (see :class:`~dist_gc.GCStats`)."""
         return self._stats
 
-    def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        phase_of = self.description.phase_of
-        self._run_phase(0 if phase_of is None else phase_of(optimizer))
+    # ------------------------------------------------------------------ per step
+    def _pre_step(self, optimizer: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        phase = self._check_optimizer(optimizer)
+        # torch passes the bound call's args: (optimizer, closure?) — see
+        # torch/optim/optimizer.py, Optimizer.profile_hook_step.
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:
+            self._run_phase(phase)
+            return None
+        if self.description.phase_of is not None:
+            raise RuntimeError(f"dist_gc: {self.label} steps its optimizer in phases; a closure cannot be centralized there")
+
+        def gc_closure():
+            # The optimizer calls this (under torch.enable_grad) where it would call the
+            # user's closure: GC runs right after the closure's backward, on exactly the
+            # gradients the update rule reads next.
+            loss = closure()
+            self._run_phase(phase)
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": gc_closure}
+        return (args[0], gc_closure, *args[2:]), kwargs
+
+    def _check_optimizer(self, optimizer: Any) -> int:
+        """The phase this ``step`` runs, after checking that the optimizer still holds the
+        planned tensors; re-plans where the layout can be re-derived locally."""
+        d = self.description
+        if d.phase_of is not None:
+            return d.phase_of(optimizer)  # raises naming the tensor when it is not planned
+        if _param_ids(optimizer) == self._planned_ids:
+            return 0
+        before = set(self._planned_ids)
+        now = [(gi, i, p) for gi, g in enumerate(optimizer.param_groups) for i, p in enumerate(g["params"])]
+        added = [f"param_groups[{gi}][{i}] {tuple(p.shape)}" for gi, i, p in now if id(p) not in before]
+        change = f"{len(added)} tensor(s) new to dist_gc ({', '.join(added[:3])}{', ...' if len(added) > 3 else ''})"
+        if self._redescribe is None:
+            raise RuntimeError(
+                f"dist_gc: the parameters of the optimizer {self.label} steps changed after dist_gc.attach: {change}; "
+                "their layout cannot be re-derived on this rank alone. Call handle.remove() and attach again, "
+                "on every rank, after changing them"
+            )
+        try:
+            description = self._redescribe()
+        except (ValueError, TypeError) as exc:
+            raise RuntimeError(
+                f"dist_gc: the optimizer's parameters changed after dist_gc.attach ({change}) and cannot be re-planned: "
+                f"{exc}. If an engine took the optimizer over (deepspeed.initialize, accelerator.prepare), attach after it, "
+                "to the engine: dist_gc.attach(engine) / dist_gc.accelerate.attach(accelerator, optimizer, model)"
+            ) from None
+        if description.optimizer is not optimizer:
+            raise RuntimeError(f"dist_gc: the optimizer's parameters changed after attach ({change}) and now belong to "
+                               f"{description.label}; attach to that engine instead")
+        self._build(description, plan(description.layouts, self.config, description.roles, phases=description.phases))
+        self.replans += 1
+        log.info("dist_gc: re-planned after the optimizer's parameters changed (%s): %s", change, _summary(self))
+        return 0
 
     def _run_phase(self, phase: int) -> None:
-        stats = GCStats(centralized=self._stats.centralized, skipped=self._stats.skipped)
+        stats = GCStats(skipped=self._stats.skipped)
         stats = self.engines[phase].step(stats)
         # Phase 0 opens a training step; later phases add to its statistics.
         self._stats = stats if phase == 0 else self._stats.merge(stats)
@@ -101,17 +213,35 @@ class GCHandle:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+            if _HANDLES.get(self.description.optimizer) is self:
+                del _HANDLES[self.description.optimizer]
         if self.description is not None:
             for fn in self.description.on_remove:
                 fn()
+            self.description.on_remove.clear()
 
     def __repr__(self) -> str:
         if self.description is None:
             return "GCHandle(disabled)"
         return (
             f"GCHandle(engine={self.label!r}, mode={self.config.mode!r}, "
-            f"centralized={len(self._stats.centralized)}, skipped={len(self._stats.skipped)})"
+            f"centralized={len(self.plan.centralized)}, skipped={len(self.plan.skipped)})"
         )
+
+
+def _summary(handle: GCHandle) -> str:
+    """One line: what GC does on this job (engine, mode, targets, traffic, assumptions)."""
+    p, c = handle.plan, handle.config
+    traffic = sum(b.size for e in handle.engines for b in e.buckets) * 4
+    collectives = sum(1 for e in handle.engines for b in e.buckets if b.size)
+    line = (f"GC ON: {handle.label}, mode={c.mode}, {len(p.centralized)} tensor(s) centralized, {len(p.skipped)} skipped, "
+            f"GC traffic {traffic} B/step in {collectives} all-reduce(s)")
+    unknown = [t for t in p.targets.values() if t.geometry is not None and (t.role is None or not t.role.known)]
+    if unknown and c.mode == "channel":
+        shown = ", ".join(f"{t.name} ({t.role.kind if t.role else 'no module found'}: dim {t.output_dim})" for t in unknown[:5])
+        line += f"; output dim assumed (module type not recognised; set output_dim to override) for {len(unknown)}: {shown}"
+        line += ", ..." if len(unknown) > 5 else ""
+    return line
 
 
 def attach(target: Any, *, model: Any = None, config: GCConfig | dict | None = None) -> GCHandle:
@@ -124,9 +254,11 @@ def attach(target: Any, *, model: Any = None, config: GCConfig | dict | None = N
     (default ``GCConfig()``: channel mode, every tensor with >= 2 dims).
 
     Must be called on every rank (it may run one small collective to check that all
-    ranks derived the same layout). Invalid configs raise ``ValueError`` before any
-    collective; so do engine configurations dist_gc cannot handle exactly (naming the
-    option and why).
+    ranks derived the same layout), once per optimizer: a second ``attach`` raises
+    ``ValueError`` naming the first handle (``handle.remove()`` it first). Invalid
+    configs raise ``ValueError`` before any collective; so do engine configurations
+    dist_gc cannot handle exactly (naming the option and why) and parameters it
+    cannot centralize (sparse gradients). Rank 0 logs one line saying what GC does.
 
     Example::
 
@@ -136,6 +268,7 @@ def attach(target: Any, *, model: Any = None, config: GCConfig | dict | None = N
         loss.backward(); opt.step()          # GC runs inside step, before AdamW's update
         print(gc.stats.max_abs_mean_before)
     """
+    _setup_logging()
     if config is None:
         config = GCConfig()
     elif isinstance(config, dict):
@@ -143,11 +276,22 @@ def attach(target: Any, *, model: Any = None, config: GCConfig | dict | None = N
     elif not isinstance(config, GCConfig):
         raise ValueError(f"config={config!r} (allowed: a dist_gc.GCConfig, a dict of its fields, or None)")
     if not config.enabled:
-        log.info("dist_gc: gradient centralization is disabled by config")
+        if _is_rank0():
+            log.info("GC OFF (config: enabled=false)")
         return GCHandle(None, None, config)
     description = describe(target, model)
-    gc_plan = plan(description.layouts, config, description.output_dims, phases=description.phases)
+    existing = _HANDLES.get(description.optimizer)
+    if existing is not None and existing.enabled:
+        raise ValueError(
+            f"dist_gc.attach: GC is already attached to this optimizer ({existing!r}); call .remove() on that handle "
+            "first, or keep using it"
+        )
+    gc_plan = plan(description.layouts, config, description.roles, phases=description.phases)
     warn_optimizer_risks(description.optimizer)
-    handle = GCHandle(description, gc_plan, config)
-    log.info("dist_gc: %r", handle)
+    # Single process / DDP layouts can be re-derived locally when the optimizer's
+    # parameters change (a new param group); sharded engines' cannot.
+    redescribe = (lambda: describe(target, model)) if description.replannable else None
+    handle = GCHandle(description, gc_plan, config, redescribe=redescribe)
+    if _is_rank0():
+        log.info(_summary(handle))
     return handle

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from .core.config import GCConfig
-from .core.select import Target, resolve_targets
+from .core.select import Role, Target, resolve_targets
 from .engine.layout import TensorLayout, TensorPlan, plan_tensor
 
 __all__ = ["Plan", "plan"]
@@ -44,11 +44,12 @@ class Plan:
         return [p for phase in self.phases for p in phase]
 
 
-def plan(layouts: Sequence[TensorLayout], config: GCConfig, output_dims: Mapping[str, int] | None = None, *, phases: int = 1) -> Plan:
+def plan(layouts: Sequence[TensorLayout], config: GCConfig, roles: Mapping[str, Role | int] | None = None, *, phases: int = 1) -> Plan:
     """Select targets among ``layouts`` by ``config`` and plan each one.
 
-    ``output_dims``: detected ``{name: output dim}`` (overridden by ``config.output_dim``;
-    absent names get dim 0). ``phases``: how many ``step`` calls make one optimizer
+    ``roles``: what each parameter is to its module (:func:`~dist_gc.core.select.resolve_roles`),
+    which decides its output dim (``config.output_dim`` overrides it; absent names get
+    dim 0). ``phases``: how many ``step`` calls make one optimizer
     step (``TensorLayout.phase`` indexes them). A disabled config selects nothing.
 
     Raises ``ValueError`` (naming the key, the value and what is allowed) when a pattern
@@ -59,7 +60,7 @@ def plan(layouts: Sequence[TensorLayout], config: GCConfig, output_dims: Mapping
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
         raise ValueError(f"dist_gc: parameters described twice: {', '.join(dup[:5])}")
-    targets = resolve_targets([(layout.name, layout.shape) for layout in layouts], config, output_dims)
+    targets = resolve_targets([(layout.name, layout.shape) for layout in layouts], config, roles)
     if not config.enabled:
         targets = {n: Target(t.name, t.shape, None, None, "disabled") for n, t in targets.items()}
     per_phase: list[list[TensorPlan]] = [[] for _ in range(phases)]
@@ -69,5 +70,5 @@ def plan(layouts: Sequence[TensorLayout], config: GCConfig, output_dims: Mapping
             continue
         if not 0 <= layout.phase < phases:
             raise ValueError(f"dist_gc: {layout.name!r} is described in phase {layout.phase} of {phases}")
-        per_phase[layout.phase].append(plan_tensor(layout, t.geometry, t.output_dim))
+        per_phase[layout.phase].append(plan_tensor(layout, t))
     return Plan(targets, tuple(tuple(p) for p in per_phase))

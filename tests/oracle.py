@@ -21,6 +21,20 @@ def oracle_centralize(g: torch.Tensor, mode: str, output_dim: int = 0) -> torch.
     return x - x.mean(dims, keepdim=True)
 
 
+def oracle_centralize_conv_transpose(g: torch.Tensor, groups: int) -> torch.Tensor:
+    """GC of a ``ConvTranspose`` weight ``(in, out/groups, *k)`` in channel mode, one mean
+    per OUTPUT channel: channel ``c = g * out_g + j`` of a grouped transposed conv is fed
+    by input channels ``g*in_g : (g+1)*in_g`` through ``weight[g*in_g:(g+1)*in_g, j]``,
+    so that block is what one mean covers. Written out channel by channel, in float64."""
+    x = g.double().clone()
+    in_g, out_g = g.shape[0] // groups, g.shape[1]
+    for grp in range(groups):
+        for j in range(out_g):
+            block = x[grp * in_g : (grp + 1) * in_g, j]
+            block -= block.mean()
+    return x
+
+
 def naive_centralize(g: torch.Tensor) -> torch.Tensor:
     """What every peer implementation does: dim 0, and only when ``g.dim() > 1``."""
     if g.dim() > 1:

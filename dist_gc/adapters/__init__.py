@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..core.select import Role
 from ..engine.layout import TensorLayout
 
 __all__ = ["Description", "ADAPTERS", "describe", "Source"]
@@ -48,8 +49,9 @@ class Description:
     ``where.source == i`` live in (``None`` when it has none this step)."""
     label: str
     """Human-readable engine configuration, e.g. ``"DeepSpeed ZeRO-2 (bf16, ...)"``."""
-    output_dims: dict[str, int] = field(default_factory=dict)
-    """Output dims detected from the model's modules (``{name: dim}``)."""
+    roles: dict[str, Role] = field(default_factory=dict)
+    """What each parameter is to its module (:func:`~dist_gc.core.select.resolve_roles`):
+    decides its output channel. Empty without a model (output dim 0 assumed)."""
     phases: int = 1
     """How many ``step`` calls of ``optimizer`` make one training step: DeepSpeed ZeRO-1/2
     steps one param group per call, ZeRO-3 one sub-group (``TensorLayout.phase``)."""
@@ -60,6 +62,9 @@ class Description:
     """Optional value check run once at attach, on every rank, after the collectives
     were verified (e.g. the layout against the fp32 master values)."""
     on_remove: list[Callable[[], None]] = field(default_factory=list)
+    replannable: bool = False
+    """Whether the layout can be re-derived on this rank alone when the optimizer's
+    parameters change (whole tensors: single process, DDP); sharded layouts cannot."""
 
 
 def describe(target: Any, model: Any) -> Description:

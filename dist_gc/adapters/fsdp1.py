@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from ..core.select import clean_name, detect_output_dims
+from ..core.select import clean_name, resolve_roles
 from ..engine.layout import FlatShard, TensorLayout, Whole
 from . import Description
 from ._common import equal_partition_ranges, named_optimizer_params, param_names, require_attrs, warn_if_untested
@@ -235,5 +235,5 @@ def describe(optimizer: Any, model: Any) -> Description | None:
         layouts=layouts + whole,
         sources=sources + whole_sources,
         label=f"FSDP1 {strategies} (use_orig_params={use_orig_params}, {len(units)} unit(s))",
-        output_dims=detect_output_dims(model),
+        roles=resolve_roles(model),
     )

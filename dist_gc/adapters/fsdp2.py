@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from ..core.select import detect_output_dims
+from ..core.select import resolve_roles
 from ..engine.layout import Block, ShardAxis, TensorLayout, Whole
 from . import Description
 from ._common import named_optimizer_params, param_names
@@ -67,6 +67,13 @@ def _shard_dim(placement: Any) -> int | None:
     raise ValueError(f"unsupported placement {placement!r}")
 
 
+def _is_strided(placement: Any) -> bool:
+    from torch.distributed.tensor import placement_types as pt
+
+    strided = getattr(pt, "_StridedShard", None)
+    return strided is not None and isinstance(placement, strided)
+
+
 def shard_axes_of(name: str, p: Any) -> tuple[ShardAxis, ...]:
     """The process group and the tensor dim of every mesh axis that shards DTensor
     ``p``, in mesh-axis order (Replicate axes left out)."""
@@ -80,7 +87,7 @@ def shard_axes_of(name: str, p: Any) -> tuple[ShardAxis, ...]:
                 f"{mesh}: {exc}; dist_gc handles Shard, _StridedShard and Replicate"
             ) from None
         if dim is not None:
-            out.append(ShardAxis(mesh.get_group(mesh_dim=axis), dim % p.dim()))
+            out.append(ShardAxis(mesh.get_group(mesh_dim=axis), dim % p.dim(), mesh.size(axis), mesh.get_local_rank(axis), _is_strided(placement)))
     return tuple(out)
 
 
@@ -131,5 +138,5 @@ def describe(optimizer: Any, model: Any) -> Description | None:
         layouts=layouts,
         sources=sources,
         label=f"{kind} (meshes: {', '.join(map(str, meshes))})",
-        output_dims=detect_output_dims(model) if model is not None else {},
+        roles=resolve_roles(model) if model is not None else {},
     )

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..core.select import detect_output_dims
+from ..core.select import resolve_roles
 from ..engine.layout import TensorLayout, Whole
 from . import Description
 from ._common import named_optimizer_params, param_names
@@ -51,5 +51,6 @@ def describe(optimizer: Any, model: Any) -> Description | None:
         layouts=layouts,
         sources=sources,
         label="DDP" if ddp else "single process",
-        output_dims=detect_output_dims(model) if model is not None else {},
+        roles=resolve_roles(model) if model is not None else {},
+        replannable=True,
     )

@@ -39,7 +39,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from ..core.select import detect_output_dims
+from ..core.select import resolve_roles
 from ..engine.collectives import raise_on_every_rank
 from ..engine.layout import FlatShard, TensorLayout, Whole
 from . import Description
@@ -457,7 +457,7 @@ def describe(target: Any, model: Any) -> Description | None:
         layouts=m.layouts,
         sources=[lambda t=t: t.grad for t in m.masters],
         label=label,
-        output_dims=detect_output_dims(engine.module),
+        roles=resolve_roles(engine.module),
         phases=len(m.masters) if phased else 1,
         phase_of=_phase_finder({id(t): i for i, t in enumerate(m.masters)}, f"ZeRO-{stage}") if phased else None,
         check=_value_check(stage, wrapper, m),

@@ -27,6 +27,7 @@ __all__ = [
     "centralize_in_one_pass_",
     "scratch_for",
     "fits_mixed_kernels",
+    "accumulation_dtype",
     "DEFAULT_TEMP_BYTES",
 ]
 
@@ -39,11 +40,18 @@ _WIDE = (torch.float32, torch.float64)
 
 @dataclass(frozen=True, slots=True)
 class Geometry:
-    """How the means of one tensor are laid out in its row-major flattening."""
+    """How the means of one tensor are laid out in its row-major flattening, viewed as
+    ``(groups, outer, channels, inner)``: channel ``(g, c)`` — sums index
+    ``g * channels + c`` — averages the ``outer * inner`` elements ``[g, :, c, :]``.
+
+    An output dim ``k`` gives ``(1, prod(d_:k), d_k, prod(d_k+1:))``; ``mode="tensor"``
+    gives ``(1, 1, 1, numel)``. ``groups > 1`` blocks the tensor: stacked expert weights
+    (leading batch dims) or a grouped ``ConvTranspose`` (dim 0 is ``(groups, in/groups)``)."""
 
     outer: int
     channels: int
     inner: int
+    groups: int = 1
 
     @property
     def count(self) -> int:
@@ -52,7 +60,21 @@ class Geometry:
 
     @property
     def period(self) -> int:
+        """Elements between two consecutive occurrences of one channel's runs."""
         return self.channels * self.inner
+
+    @property
+    def group_numel(self) -> int:
+        return self.outer * self.channels * self.inner
+
+    @property
+    def numel(self) -> int:
+        return self.groups * self.group_numel
+
+    @property
+    def num_channels(self) -> int:
+        """Means of the whole tensor (the length of its sums vector)."""
+        return self.groups * self.channels
 
 
 def normalize_dim(dim: int, ndim: int, *, name: str = "tensor") -> int:
@@ -61,16 +83,36 @@ def normalize_dim(dim: int, ndim: int, *, name: str = "tensor") -> int:
     return dim % ndim
 
 
-def geometry_of(shape: Sequence[int], mode: str = "channel", output_dim: int = 0) -> Geometry:
-    """Geometry of a tensor of ``shape``: ``mode="channel"`` averages every dim except
-    ``output_dim``; ``mode="tensor"`` averages all dims."""
-    numel = math.prod(shape)
+def geometry_of(shape: Sequence[int], mode: str = "channel", output_dim: int = 0, *, batch_dims: int = 0, groups: int = 1,
+                name: str = "tensor") -> Geometry:
+    """Geometry of a tensor of ``shape``.
+
+    ``mode="channel"`` averages every dim except ``output_dim`` (and the leading
+    ``batch_dims``, which index independent stacked weights); ``mode="tensor"`` averages
+    all dims but the batch dims. ``groups`` (channel mode): the first averaged dim is
+    ``(groups, d / groups)`` and only the second factor is averaged — a grouped
+    ``ConvTranspose`` weight ``(in, out/groups, *k)`` with output dim 1, whose channel
+    ``g * out_g + j`` is the block ``weight[g*in_g:(g+1)*in_g, j]``.
+
+    Raises ``ValueError`` naming ``name`` when the dims do not fit ``shape``."""
+    ndim = len(shape)
+    if not 0 <= batch_dims < max(ndim, 1):
+        raise ValueError(f"{name}: batch_dims={batch_dims} does not fit a {ndim}-dim tensor (allowed: 0..{ndim - 1})")
+    blocks = math.prod(shape[:batch_dims])
     if mode == "tensor":
-        return Geometry(1, 1, numel)
+        return Geometry(1, 1, math.prod(shape[batch_dims:]), blocks)
     if mode != "channel":
         raise ValueError(f"mode={mode!r} (allowed: 'channel' or 'tensor')")
-    d = normalize_dim(output_dim, len(shape))
-    return Geometry(math.prod(shape[:d]), shape[d], math.prod(shape[d + 1 :]))
+    d = normalize_dim(output_dim, ndim, name=name)
+    if d < batch_dims:
+        raise ValueError(f"{name}: output_dim={output_dim} is one of its {batch_dims} batch dim(s) (allowed: {batch_dims}..{ndim - 1})")
+    outer = math.prod(shape[batch_dims:d])
+    if groups > 1:
+        if d == batch_dims or shape[batch_dims] % groups:
+            raise ValueError(f"{name}: groups={groups} does not divide dim {batch_dims} of shape {tuple(shape)} before output dim {d}")
+        outer //= groups
+        blocks *= groups
+    return Geometry(outer, shape[d], math.prod(shape[d + 1 :]), blocks)
 
 
 def _chunks(x: torch.Tensor, other: torch.Tensor, limit: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -146,7 +188,7 @@ def add_sums_(x: torch.Tensor, sums: torch.Tensor, limit_bytes: int = DEFAULT_TE
     ``scratch``: optional fp32 buffer of at least one chunk (see :func:`scratch_for`)."""
     dims = tuple(i for i in range(x.dim()) if sums.size(i) == 1)
     if fits_mixed_kernels(x, limit_bytes):
-        sums.add_(x.sum(dims, keepdim=True, dtype=torch.float32) if dims else x.float())
+        sums.add_(x.sum(dims, keepdim=True, dtype=sums.dtype) if dims else x.to(sums.dtype))
         return
     for xc, sc in _chunks(x, sums, _chunk_elems(limit_bytes, x.device)):
         xf = _as_fp32(xc, scratch)
@@ -171,7 +213,7 @@ def centralize_in_one_pass_(x: torch.Tensor, means: torch.Tensor, dims: tuple[in
     for 16-bit ``x``, in ``scratch``). Returns False, doing nothing, when ``x`` needs
     the chunked path."""
     if fits_mixed_kernels(x, limit_bytes):
-        torch.mean(x, dims, keepdim=True, dtype=torch.float32, out=means)
+        torch.mean(x, dims, keepdim=True, dtype=means.dtype, out=means)
         x.sub_(means)
         return True
     if scratch is None or scratch.numel() < x.numel():
@@ -182,12 +224,20 @@ def centralize_in_one_pass_(x: torch.Tensor, means: torch.Tensor, dims: tuple[in
     return True
 
 
-def centralize_(tensor: torch.Tensor, *, mode: str = "channel", output_dim: int = 0) -> torch.Tensor:
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics are accumulated in the wider of fp32 and the gradient's dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def centralize_(tensor: torch.Tensor, *, mode: str = "channel", output_dim: int = 0, batch_dims: int = 0, groups: int = 1) -> torch.Tensor:
     """Gradient centralization of a full tensor, in place; returns ``tensor``.
 
     ``mode="channel"``: ``G -= G.mean(dims != output_dim)``, one mean per output
-    channel (Yong et al., ECCV 2020). ``mode="tensor"``: ``G -= G.mean()``.
-    Statistics are accumulated in fp32 whatever the dtype.
+    channel (Yong et al., ECCV 2020, eq. 3). ``mode="tensor"``: ``G -= G.mean()``.
+    ``batch_dims`` leading dims index independent stacked weights (one set of means
+    each); ``groups`` blocks dim 0 of a grouped ``ConvTranspose`` weight (see
+    :func:`geometry_of`). Statistics are accumulated in fp32 (fp64 for fp64 tensors)
+    whatever the dtype, and the result is rounded once to the tensor's dtype.
 
     Example::
 
@@ -198,12 +248,17 @@ def centralize_(tensor: torch.Tensor, *, mode: str = "channel", output_dim: int 
     """
     if tensor.dim() == 0:
         raise ValueError("centralize_: a 0-dim tensor has no channels to centralize")
-    geo = geometry_of(tensor.shape, mode, output_dim)
-    shape = [1] * tensor.dim()
-    if mode == "channel":
+    geo = geometry_of(tensor.shape, mode, output_dim, batch_dims=batch_dims, groups=groups)
+    if not tensor.is_contiguous() and geo.groups > 1:
+        raise ValueError("centralize_: a blocked geometry (batch_dims or groups) needs a contiguous tensor")
+    view = tensor.view(geo.groups, geo.outer, geo.channels, geo.inner) if geo.groups > 1 else tensor
+    shape = [1] * view.dim()
+    if geo.groups > 1:
+        shape[0], shape[2] = geo.groups, geo.channels
+    elif mode == "channel":
         shape[normalize_dim(output_dim, tensor.dim())] = geo.channels
-    sums = torch.zeros(shape, dtype=torch.float32, device=tensor.device)
-    scratch = scratch_for(tensor)
-    add_sums_(tensor, sums, scratch=scratch)
-    subtract_means_(tensor, sums.div_(geo.count), scratch=scratch)
+    sums = torch.zeros(shape, dtype=accumulation_dtype(tensor.dtype), device=tensor.device)
+    scratch = scratch_for(view)
+    add_sums_(view, sums, scratch=scratch)
+    subtract_means_(view, sums.div_(geo.count), scratch=scratch)
     return tensor

@@ -57,6 +57,12 @@ class GCConfig:
     from the end). Detection: dim 0 for Linear/Conv/Embedding, dim 1 for ConvTranspose,
     the last dim for Hugging Face ``Conv1D``. First matching pattern wins."""
 
+    batch_dims: Mapping[str, int] = field(default_factory=dict)
+    """``{pattern: n}``: the first ``n`` dims of matching parameters index independent
+    stacked weights — MoE experts stacked as ``(num_experts, out, in)`` take ``1`` with
+    ``output_dim`` 1 — so each gets its own means: one per (expert, output row) in
+    channel mode, one per expert in tensor mode. First matching pattern wins."""
+
     skip_degenerate: bool = True
     """Skip (and warn once about) tensors whose means each cover one element — fan-in 1,
     e.g. ``Linear(1, n)`` or rank-1 LoRA factors — whose gradient GC would zero. With
@@ -88,13 +94,15 @@ class GCConfig:
                 bad(key, value, "a list of non-empty fnmatch pattern strings")
         if not self.include and isinstance(self.include, tuple):
             bad("include", self.include, "at least one pattern (use enabled=false to turn GC off)")
-        od = self.output_dim
-        if isinstance(od, Mapping) and all(
-            isinstance(k, str) and k and isinstance(v, int) and not isinstance(v, bool) for k, v in od.items()
-        ):
-            self.output_dim = dict(od)
-        else:
-            bad("output_dim", od, "a mapping {pattern: integer dim}")
+        for key, allowed in (("output_dim", "a mapping {pattern: integer dim}"), ("batch_dims", "a mapping {pattern: integer >= 0}")):
+            value = getattr(self, key)
+            if isinstance(value, Mapping) and all(
+                isinstance(k, str) and k and isinstance(v, int) and not isinstance(v, bool) and (key == "output_dim" or v >= 0)
+                for k, v in value.items()
+            ):
+                setattr(self, key, dict(value))
+            else:
+                bad(key, value, allowed)
         if errors:
             raise ValueError("invalid gradient centralization config: " + "; ".join(errors))
 
@@ -142,7 +150,7 @@ class GCConfig:
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["include"], out["exclude"] = list(self.include), list(self.exclude)
-        out["output_dim"] = dict(self.output_dim)
+        out["output_dim"], out["batch_dims"] = dict(self.output_dim), dict(self.batch_dims)
         return out
 
 

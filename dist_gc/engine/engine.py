@@ -39,8 +39,11 @@ class GCStats:
 
     step: int = 0
     centralized: list[str] = field(default_factory=list)
+    """Parameters centralized in this step (planned and with a gradient)."""
     skipped: dict[str, str] = field(default_factory=dict)
     """``{name: reason}`` for parameters GC leaves alone."""
+    without_grad: list[str] = field(default_factory=list)
+    """Planned parameters that had no gradient in this step (unused in the forward)."""
     max_abs_mean_before: float = 0.0
     """Largest |channel mean| GC removed (this rank's channels; global with full_stats)."""
     max_abs_mean_after: float | None = None
@@ -56,7 +59,7 @@ class GCStats:
     def as_dict(self) -> dict[str, Any]:
         """Scalar statistics, ready for a tracker (``accelerator.log`` and friends)."""
         d = asdict(self)
-        d["centralized"], d["skipped"] = len(self.centralized), len(self.skipped)
+        d["centralized"], d["skipped"], d["without_grad"] = len(self.centralized), len(self.skipped), len(self.without_grad)
         return {k: v for k, v in d.items() if v is not None}
 
     def merge(self, other: "GCStats") -> "GCStats":
@@ -71,6 +74,8 @@ class GCStats:
             self.max_abs_mean_after = max(self.max_abs_mean_after, other.max_abs_mean_after)
         self.grad_norm_before = norm(self.grad_norm_before, other.grad_norm_before)
         self.grad_norm_after = norm(self.grad_norm_after, other.grad_norm_after)
+        self.centralized = [*self.centralized, *other.centralized]
+        self.without_grad = [*self.without_grad, *other.without_grad]
         self.bytes_communicated += other.bytes_communicated
         self.collectives += other.collectives
         self.seconds += other.seconds
@@ -136,6 +141,8 @@ class CompiledPlans:
     """Statistics slots: one per distinct tuple of shard groups, in plan order
     (identical on every rank); slot 0 is "held whole by this rank"."""
     num_sums: int
+    plan_sources: tuple[tuple[int, ...], ...]
+    """Per plan, the sources its regions view (empty: this rank holds none of it)."""
 
 
 #: Batching of small final regions (see ``_compile_batches``): tensors up to this many
@@ -165,7 +172,7 @@ def compile_plans(plans: Sequence[TensorPlan]) -> CompiledPlans:
         spans = [(r.sum_start, r.sum_stop) for r in plan.regions]
         g = plan.geometry
         for r in plan.regions:
-            numel = g.outer * g.channels * g.inner if r.shape is None else math.prod(r.shape)
+            numel = g.numel if r.shape is None else math.prod(r.shape)
             overlaps = sum(1 for lo, hi in spans if lo < r.sum_stop and r.sum_start < hi)
             reduced = any(red.sum_start < r.sum_stop and r.sum_start < red.sum_stop for red in plan.reductions)
             dims = tuple(i for i, b in enumerate(r.sum_shape) if b == 1)
@@ -175,7 +182,8 @@ def compile_plans(plans: Sequence[TensorPlan]) -> CompiledPlans:
     for it in items:
         if it.final:
             deferred[it.sum_start : it.sum_stop] = [1.0] * (it.sum_stop - it.sum_start)
-    return CompiledPlans(tuple(items), buckets, _compile_batches(items), tuple(counts), tuple(deferred), stat_groups, total)
+    plan_sources = tuple(tuple(sorted({r.source for r in p.regions})) for p in plans)
+    return CompiledPlans(tuple(items), buckets, _compile_batches(items), tuple(counts), tuple(deferred), stat_groups, total, plan_sources)
 
 
 def _compile_batches(items: Sequence[_Item]) -> dict[int, _Batch]:
@@ -232,6 +240,8 @@ class GCEngine:
         self.compiled = compile_plans(self.plans)
         self._temp_limit = temp_limit_bytes
         self._device: torch.device | None = None
+        self._acc_dtype = torch.float32
+        self._names = tuple(p.name for p in self.plans)
         self._counts = torch.tensor(self.compiled.counts, dtype=torch.float32)
         self._deferred_counts = torch.tensor(self.compiled.deferred_counts, dtype=torch.float32)
         self._bucket_index = [torch.cat([torch.arange(lo, hi) for lo, hi in b.slices]) if b.slices else torch.empty(0, dtype=torch.long)
@@ -254,7 +264,7 @@ class GCEngine:
         """A persistent fp32 sums buffer on the gradients' device, with one cached
         broadcast-shaped view per region (no per-step view construction)."""
         if key not in self._buffers:
-            buf = torch.zeros(self.compiled.num_sums, dtype=torch.float32, device=self._device)
+            buf = torch.zeros(self.compiled.num_sums, dtype=self._acc_dtype, device=self._device)
             views = [buf[it.sum_start : it.sum_stop].view(it.region.sum_shape) for it in self.compiled.items]
             self._buffers[key] = (buf, views)
         return self._buffers[key]
@@ -282,6 +292,8 @@ class GCEngine:
             return None
         if region.shape is None:
             return g
+        if not g.is_contiguous():
+            raise RuntimeError(f"dist_gc: a gradient buffer of shape {tuple(g.shape)} is not contiguous; its layout needs a flat view")
         return g.view(-1)[region.start : region.stop].view(region.shape)
 
     def _centralize_batch(self, grads: list[torch.Tensor | None], sums: torch.Tensor, batch: _Batch) -> bool:
@@ -329,7 +341,7 @@ class GCEngine:
             if one_pass and it.final and it.exclusive and centralize_in_one_pass_(x, view, it.dims, limit, scratch):
                 continue  # the slice holds this region's means already
             if it.exclusive and fits_mixed_kernels(x, limit):
-                torch.sum(x, it.dims, keepdim=True, dtype=torch.float32, out=view)
+                torch.sum(x, it.dims, keepdim=True, dtype=view.dtype, out=view)
             else:
                 add_sums_(x, view, limit, scratch)
             if sq is not None:
@@ -353,15 +365,37 @@ class GCEngine:
 
     def _prepare(self, grads: list[torch.Tensor | None]) -> None:
         device = next((g.device for g in grads if g is not None), self._device or torch.device("cpu"))
-        if self._device != device:
-            self._device, self._buffers = device, {}
-            self._counts, self._deferred_counts = self._counts.to(device), self._deferred_counts.to(device)
+        # Statistics in the wider of fp32 and the gradients' dtype (fp64 models stay exact).
+        acc = torch.float64 if any(g is not None and g.dtype == torch.float64 for g in grads) else torch.float32
+        if self._device != device or self._acc_dtype != acc:
+            self._device, self._acc_dtype, self._buffers = device, acc, {}
+            self._counts = self._counts.to(device=device, dtype=acc)
+            self._deferred_counts = self._deferred_counts.to(device=device, dtype=acc)
         if self._temp_limit is None and any(g is not None for g in grads):
             local = sum(g.numel() * g.element_size() for g in grads if g is not None)
             self._temp_limit = max(DEFAULT_TEMP_BYTES, local // 100)
         for g in grads:
             if g is not None and g.is_sparse:
                 raise RuntimeError("dist_gc: sparse gradients are not supported (use a dense nn.Embedding)")
+
+    def _presence(self, grads: list[torch.Tensor | None], stats: GCStats) -> None:
+        """Fill ``stats.centralized`` / ``without_grad`` for this step; raise when no
+        planned parameter has a gradient (GC would silently do nothing)."""
+        if all(grads[i] is not None for i in self._used):
+            stats.centralized = list(self._names)
+            return
+        held = [k for k, srcs in enumerate(self.compiled.plan_sources) if srcs]
+        missing = {k for k in held if all(grads[i] is None for i in self.compiled.plan_sources[k])}
+        if held and len(missing) == len(held):
+            first = ", ".join(self._names[k] for k in held[:4])
+            raise RuntimeError(
+                f"dist_gc: none of the {len(held)} parameters GC planned on this rank has a gradient at this step "
+                f"({first}{', ...' if len(held) > 4 else ''}): the optimizer is stepping tensors other than the ones that "
+                "received gradients, so GC would silently do nothing. Attach after deepspeed.initialize / "
+                "accelerator.prepare (to the engine), and call step after backward"
+            )
+        stats.centralized = [n for k, n in enumerate(self._names) if k not in missing]
+        stats.without_grad = [self._names[k] for k in sorted(missing)]
 
     @torch.no_grad()
     def step(self, stats: GCStats | None = None) -> GCStats:
@@ -372,6 +406,7 @@ class GCEngine:
         for i in self._used:
             grads[i] = self.sources[i]()
         self._prepare(grads)
+        self._presence(grads, stats)
         limit = self.temp_limit_bytes
         sums, means_views, sq_before = self._accumulate(grads, "before", fuse=True)
         self._reduce(sums, stats)

@@ -27,10 +27,14 @@ the collective. Nothing here imports an engine or communicates.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any, Sequence, Union
+from typing import TYPE_CHECKING, Any, Sequence, Union
 
 from ..core.centralize import Geometry
+
+if TYPE_CHECKING:
+    from ..core.select import Target
 
 __all__ = [
     "Whole",
@@ -85,6 +89,13 @@ class ShardAxis:
 
     group: Any
     dim: int
+    size: int = 1
+    """Ranks on the axis."""
+    index: int = 0
+    """This rank's coordinate on the axis."""
+    strided: bool = False
+    """``_StridedShard`` (FSDP2 over TP ``ColwiseParallel``): the dim is cut into strided
+    pieces rather than ``torch.chunk``'s contiguous ones."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,26 +186,32 @@ class TensorPlan:
     summed over them); empty when this rank holds the whole tensor."""
 
 
-def plan_tensor(layout: TensorLayout, geometry: Geometry, output_dim: int | None) -> TensorPlan:
-    """The plan of one GC target from its layout. ``output_dim`` is the normalized
-    output dim in ``mode="channel"``, ``None`` in ``mode="tensor"``."""
-    where = layout.where
+def plan_tensor(layout: TensorLayout, target: "Target") -> TensorPlan:
+    """The plan of one GC target (see :func:`~dist_gc.core.select.resolve_targets`)
+    from its layout."""
+    where, geo = layout.where, target.geometry
     if isinstance(where, Whole):
-        return plan_whole(layout.name, geometry, layout.shape, output_dim, source=where.source, offset=where.offset)
+        return plan_whole(layout.name, geo, layout.shape, target.output_dim, source=where.source, offset=where.offset)
     if isinstance(where, FlatShard):
-        return plan_flat_shard(layout.name, geometry, ranges=where.ranges, rank=where.rank, group=where.group,
+        return plan_flat_shard(layout.name, geo, ranges=where.ranges, rank=where.rank, group=where.group,
                                source=where.source, offset=where.offset)
     if isinstance(where, Block):
-        return plan_block(layout.name, geometry, local_shape=where.local_shape, output_dim=output_dim,
-                          shard_axes=where.shard_axes, source=where.source)
+        return plan_block(layout.name, geo, shape=layout.shape, local_shape=where.local_shape, kept_dims=target.kept_dims,
+                          grouped_dim=target.batch_dims if target.groups > 1 else None, shard_axes=where.shard_axes,
+                          source=where.source)
     raise TypeError(f"dist_gc: {layout.name!r}: unknown placement {where!r}")
 
 
 def plan_whole(name: str, geo: Geometry, shape: Sequence[int], output_dim: int | None, *, source: int, offset: int | None = None) -> TensorPlan:
     """A tensor held whole by this rank: no communication. With ``offset`` the tensor
-    sits flat inside a larger buffer and is viewed through :func:`flat_regions`."""
+    sits flat inside a larger buffer and is viewed through :func:`flat_regions`; a
+    blocked geometry (``groups > 1``) views it as ``(groups, outer, channels, inner)``."""
     if offset is not None:
-        return TensorPlan(name, geo, geo.channels, tuple(flat_regions(geo, 0, geo.outer * geo.channels * geo.inner, source, offset)))
+        return TensorPlan(name, geo, geo.num_channels, tuple(flat_regions(geo, 0, geo.numel, source, offset)))
+    if geo.groups > 1:
+        region = Region(source, 0, geo.numel, (geo.groups, geo.outer, geo.channels, geo.inner), 0, geo.num_channels,
+                        (geo.groups, 1, geo.channels, 1))
+        return TensorPlan(name, geo, geo.num_channels, (region,))
     sum_shape = [1] * len(shape)
     if output_dim is not None:
         sum_shape[output_dim] = geo.channels
@@ -206,15 +223,37 @@ def flat_regions(geo: Geometry, start: int, end: int, source: int, offset: int) 
     """Regions for elements ``[start, end)`` of a tensor's flattening, stored at
     ``source[offset : offset + end - start]``. ``sums`` is indexed by global channel.
 
-    A range splits into: a head inside one period (partial channel block, whole channel
-    blocks ``(k, inner)``, partial block), whole periods ``(m, channels, inner)``, and a
-    tail inside one period. For output dim 0 the period is the whole tensor, so this is
-    just partial row / whole rows / partial row."""
+    Within one group (the whole tensor unless the geometry is blocked) a range splits
+    into: a head inside one period (partial channel block, whole channel blocks
+    ``(k, inner)``, partial block), whole periods ``(m, channels, inner)``, and a tail
+    inside one period. For output dim 0 the period is the whole tensor, so this is just
+    partial row / whole rows / partial row. Runs of whole groups are one region
+    ``(m, outer, channels, inner)``."""
+    regions: list[Region] = []
+    size, C = geo.group_numel, geo.channels
+    pos = start
+    while pos < end:
+        g = pos // size
+        if geo.groups > 1 and pos % size == 0 and end - pos >= size:
+            m = (end - pos) // size
+            regions.append(Region(source, offset + pos - start, offset + pos + m * size - start, (m, geo.outer, C, geo.inner),
+                                  g * C, (g + m) * C, (m, 1, C, 1)))
+            pos += m * size
+            continue
+        stop = min(end, (g + 1) * size)
+        regions += _group_regions(geo, pos - g * size, stop - g * size, source, offset + pos - start, g * C)
+        pos = stop
+    return regions
+
+
+def _group_regions(geo: Geometry, start: int, end: int, source: int, offset: int, c_base: int) -> list[Region]:
+    """:func:`flat_regions` within one group: ``[start, end)`` of the group's elements,
+    stored from ``source[offset]``; the group's channels start at ``c_base`` of ``sums``."""
     regions: list[Region] = []
     period, inner, C = geo.period, geo.inner, geo.channels
 
     def add(lo: int, hi: int, shape: tuple[int, ...], c0: int, c1: int, sum_shape: tuple[int, ...]) -> None:
-        regions.append(Region(source, offset + lo - start, offset + hi - start, shape, c0, c1, sum_shape))
+        regions.append(Region(source, offset + lo - start, offset + hi - start, shape, c_base + c0, c_base + c1, sum_shape))
 
     def within_period(lo: int, hi: int) -> None:
         base = lo - lo % period
@@ -245,7 +284,26 @@ def flat_regions(geo: Geometry, start: int, end: int, source: int, offset: int) 
 
 
 def _touched(geo: Geometry, start: int, end: int) -> list[tuple[int, int]]:
-    """Channel intervals ``[lo, hi)`` that elements ``[start, end)`` touch."""
+    """Global channel intervals ``[lo, hi)`` that elements ``[start, end)`` touch
+    (disjoint)."""
+    out: list[tuple[int, int]] = []
+    size, C = geo.group_numel, geo.channels
+    pos = start
+    while pos < end:
+        g = pos // size
+        if pos % size == 0 and end - pos >= size:
+            m = (end - pos) // size
+            out.append((g * C, (g + m) * C))
+            pos += m * size
+            continue
+        stop = min(end, (g + 1) * size)
+        out += [(g * C + lo, g * C + hi) for lo, hi in _touched_in_group(geo, pos - g * size, stop - g * size)]
+        pos = stop
+    return out
+
+
+def _touched_in_group(geo: Geometry, start: int, end: int) -> list[tuple[int, int]]:
+    """Channel intervals of one group that its elements ``[start, end)`` touch."""
     if end <= start:
         return []
     period, inner, C = geo.period, geo.inner, geo.channels
@@ -300,38 +358,79 @@ def plan_flat_shard(
     # summed over it, even one that lies wholly on another rank. A single range means
     # this rank holds the whole tensor: nothing to sum over.
     shard_groups = (group,) if len(ranges) > 1 else ()
-    return TensorPlan(name, geo, geo.channels, tuple(regions), reductions, shard_groups)
+    return TensorPlan(name, geo, geo.num_channels, tuple(regions), reductions, shard_groups)
 
 
 def plan_block(
     name: str,
     geo: Geometry,
     *,
+    shape: Sequence[int],
     local_shape: Sequence[int],
-    output_dim: int | None,
+    kept_dims: Sequence[int],
     shard_axes: Sequence[ShardAxis],
     source: int,
+    grouped_dim: int | None = None,
 ) -> TensorPlan:
     """A tensor of which this rank holds an N-D block (a DTensor's local shard).
 
-    ``output_dim`` is ``None`` in ``mode="tensor"``. The whole local tensor is one
-    region; ``sums`` is indexed by LOCAL channel. Its partial sums are completed over
-    exactly the axes that shard an averaged dim — none when only the output dim is
-    sharded (FSDP2's ``Shard(0)`` in channel mode: rows are whole on one rank, zero
-    communication).
+    ``kept_dims``: the tensor dims that identify a channel — the output dim in
+    ``mode="channel"`` plus any batch dims; the other dims are averaged. The whole local
+    tensor is one region; ``sums`` is indexed by LOCAL channel. Its partial sums are
+    completed over exactly the axes that shard an averaged dim — none when only kept
+    dims are sharded (FSDP2's ``Shard(0)`` in channel mode: rows are whole on one rank,
+    zero communication).
 
     Why local channel indexing is exact: the block is a product of per-dim index sets
-    (``Shard`` and ``_StridedShard`` both cut one dim), and the set along the output
-    dim depends only on the mesh coordinates of axes that shard the output dim. The
-    ranks of a group that shards an averaged dim differ only in that axis's
-    coordinate, so they hold the same channels in the same local order: summing
-    ``sums`` elementwise over the group adds matching channels."""
+    (``Shard`` and ``_StridedShard`` both cut one dim), and the sets along the kept
+    dims depend only on the mesh coordinates of axes that shard kept dims. The ranks of
+    a group that shards an averaged dim differ only in that axis's coordinate, so they
+    hold the same channels in the same local order: summing ``sums`` elementwise over
+    the group adds matching channels.
+
+    ``grouped_dim`` (a grouped ``ConvTranspose``, see :class:`Geometry`): that dim is
+    ``(groups, d / groups)``, a kept and an averaged factor in one dim. Unsharded, the
+    local block is viewed with the two factors apart; cut by ONE ``Shard`` axis alone
+    (FSDP2's default ``Shard(0)``), the block is a contiguous range of the flattening on
+    every rank of that axis and is planned as a :class:`FlatShard`. Anything else raises
+    ``ValueError`` naming the parameter."""
     ndim = len(local_shape)
-    sum_shape = [1] * ndim
-    if output_dim is not None:
-        sum_shape[output_dim] = int(local_shape[output_dim])
-    num_sums = sum_shape[output_dim] if output_dim is not None else 1
-    region = Region(source, 0, 0, None, 0, num_sums, tuple(sum_shape))
-    reductions = tuple(Reduction(a.group, 0, num_sums) for a in shard_axes if a.dim != output_dim)
+    kept = set(kept_dims)
+    if grouped_dim is not None:
+        cutting = [a for a in shard_axes if a.dim == grouped_dim]
+        if cutting:
+            if len(shard_axes) != 1 or cutting[0].strided:
+                raise ValueError(
+                    f"dist_gc: {name!r}: a grouped ConvTranspose weight ({geo.groups} groups in dim {grouped_dim}) sharded by "
+                    f"{list(shard_axes)}; dist_gc handles it whole or cut on dim {grouped_dim} by one Shard axis alone "
+                    "(exclude it, or shard it that way)"
+                )
+            return _plan_dim0_shard(name, geo, shape, local_shape, cutting[0], source)
+        g = geo.groups
+        view = (*local_shape[:grouped_dim], g, local_shape[grouped_dim] // g, *local_shape[grouped_dim + 1 :])
+        sum_shape = [1] * len(view)
+        sum_shape[grouped_dim] = g
+        for d in kept:
+            sum_shape[d + 1 if d > grouped_dim else d] = int(local_shape[d])
+        num_sums = math.prod(sum_shape)
+        region = Region(source, 0, math.prod(local_shape), tuple(view), 0, num_sums, tuple(sum_shape))
+    else:
+        sum_shape = [int(local_shape[d]) if d in kept else 1 for d in range(ndim)]
+        num_sums = math.prod(sum_shape)
+        region = Region(source, 0, 0, None, 0, num_sums, tuple(sum_shape))
+    reductions = tuple(Reduction(a.group, 0, num_sums) for a in shard_axes if a.dim not in kept)
     shard_groups = tuple(dict.fromkeys(a.group for a in shard_axes))
     return TensorPlan(name, geo, num_sums, (region,), reductions, shard_groups)
+
+
+def _plan_dim0_shard(name: str, geo: Geometry, shape: Sequence[int], local_shape: Sequence[int], axis: ShardAxis, source: int) -> TensorPlan:
+    """A tensor cut on dim 0 by one ``Shard`` axis: ``torch.chunk`` pieces, i.e. rank ``r``
+    holds rows ``[r * c, (r + 1) * c)`` of ``c = ceil(d_0 / size)`` — a flat range."""
+    rows, row = int(shape[0]), math.prod(shape[1:])
+    chunk = -(-rows // axis.size)
+    ranges = tuple((min(r * chunk, rows) * row, min((r + 1) * chunk, rows) * row) for r in range(axis.size))
+    start, end = ranges[axis.index]
+    if end - start != math.prod(local_shape):
+        raise RuntimeError(f"dist_gc: {name!r}: local block {tuple(local_shape)} is not rows [{start // row}, {end // row}) "
+                           f"of {tuple(shape)} as torch.chunk over {axis.size} ranks gives; unrecognised DTensor sharding")
+    return plan_flat_shard(name, geo, ranges=ranges, rank=axis.index, group=axis.group, source=source, offset=0)

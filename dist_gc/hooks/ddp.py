@@ -29,7 +29,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from ..adapters._common import param_names
 from ..adapters.plain import describe_params
 from ..core.config import GCConfig
-from ..core.select import Target, detect_output_dims
+from ..core.select import Target, resolve_roles
 from ..engine.engine import GCEngine, GCStats
 from ..engine.layout import TensorLayout, Whole, plan_tensor
 from ..planner import plan
@@ -63,7 +63,7 @@ class GCHookState:
         names = param_names(ddp_model)
         named = [(names[id(p)], p) for p in ddp_model.parameters()]
         layouts, _ = describe_params(named)
-        targets = plan(layouts, config, detect_output_dims(ddp_model)).targets
+        targets = plan(layouts, config, resolve_roles(ddp_model)).targets
         by_id = {id(p): targets[n] for n, p in named}
         return cls(config, by_id, process_group, inner_state if inner_state is not None else process_group)
 
@@ -78,7 +78,7 @@ class GCHookState:
                 if t is None:
                     raise RuntimeError(f"dist_gc: DDP bucket holds a parameter of shape {tuple(p.shape)} the GC hook state does not know")
                 if t.geometry is not None:
-                    plans.append(plan_tensor(TensorLayout(t.name, t.shape, Whole(k)), t.geometry, t.output_dim))
+                    plans.append(plan_tensor(TensorLayout(t.name, t.shape, Whole(k)), t))
             n = len(params)
             self._engines[key] = GCEngine(plans, [lambda k=k: self._grads[k] for k in range(n)], full_stats=self.config.full_stats)
         return self._engines[key]

@@ -40,7 +40,7 @@ import torch
 
 from ..adapters.fsdp1 import describe_units
 from ..core.config import GCConfig
-from ..core.select import detect_output_dims
+from ..core.select import resolve_roles
 from ..engine.engine import GCEngine, GCStats
 from ..engine.layout import TensorLayout, Whole
 from ..planner import plan
@@ -114,7 +114,7 @@ def register_fsdp_gc_hook(
     # The local unsharded gradient holds every tensor of a unit whole, at its flat
     # offset: one source per unit, no reductions, no extra communication.
     layouts = [TensorLayout(t.name, t.shape, Whole(0, t.flat_offset), phase=k) for k, u in enumerate(units) for t in u.tensors]
-    gc_plan = plan(layouts, config, detect_output_dims(fsdp_model), phases=len(units))
+    gc_plan = plan(layouts, config, resolve_roles(fsdp_model), phases=len(units))
     make_hook_state = make_hook_state or default_hooks.DefaultState
     hook = hook or _default_hook
     states: dict[str, FSDPGCHookState] = {}
