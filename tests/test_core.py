@@ -168,3 +168,86 @@ def test_engine_batches_small_tensors_exactly(dtype, mode):
         # Naive (no-op) GC would miss by far more than the tolerance.
         assert max(float((r - oracle_centralize(r, mode, 0)).abs().max()) for r in ref) > 10 * tol
         assert stats.max_abs_mean_before > 0.1
+
+
+def _brute_split_blocked(geo, ranges):
+    owners = [set() for _ in range(geo.num_channels)]
+    for r, (s, e) in enumerate(ranges):
+        for i in range(s, e):
+            owners[(i // geo.group_numel) * geo.channels + (i // geo.inner) % geo.channels].add(r)
+    return {c for c, o in enumerate(owners) if len(o) >= 2}
+
+
+def _blocked_oracle(g: torch.Tensor, geo) -> torch.Tensor:
+    """One mean per (group, channel) of the (groups, outer, channels, inner) view."""
+    x = g.double().reshape(geo.groups, geo.outer, geo.channels, geo.inner)
+    return (x - x.mean((1, 3), keepdim=True)).reshape(g.shape)
+
+
+@pytest.mark.parametrize("kind", ["batch_dims", "groups"])
+def test_blocked_flat_layouts_against_brute_force(kind):
+    """Blocked geometries — stacked experts (leading batch dims) and grouped
+    ConvTranspose weights (dim 0 = (groups, in/groups), output dim 1) — on random flat
+    shards: regions reproduce the per-(group, channel) oracle and split_channels the
+    per-element ownership count."""
+    rng = random.Random(1)
+    for trial in range(300):
+        if kind == "batch_dims":
+            shape = (rng.randint(1, 4), rng.randint(1, 5), rng.randint(1, 5)) + ((rng.randint(1, 3),) if rng.random() < 0.5 else ())
+            mode = rng.choice(["channel", "tensor"])
+            geo = geometry_of(shape, mode, 1, batch_dims=1)
+        else:
+            groups = rng.randint(2, 3)
+            shape = (groups * rng.randint(1, 3), rng.randint(1, 4), rng.randint(1, 3)) + ((rng.randint(1, 2),) if rng.random() < 0.5 else ())
+            mode = "channel"
+            geo = geometry_of(shape, "channel", 1, groups=groups)
+        assert geo.numel == math.prod(shape)
+        ranges = _random_ranges(geo.numel, rng.randint(1, 5), rng)
+        g = torch.randn(shape, dtype=torch.float64) + torch.arange(shape[0], dtype=torch.float64).view(-1, *[1] * (len(shape) - 1))
+        flat = g.reshape(-1)
+        sums = torch.zeros(geo.num_channels, dtype=torch.float64)
+        pieces = []
+        for s, e in ranges:
+            buf = torch.cat([torch.zeros(2, dtype=torch.float64), flat[s:e].clone()])
+            regs = flat_regions(geo, s, e, 0, 2)
+            assert sum(r.stop - r.start for r in regs) == e - s
+            for r in regs:
+                add_sums_(buf[r.start : r.stop].view(r.shape), sums[r.sum_start : r.sum_stop].view(r.sum_shape))
+            pieces.append((buf, regs))
+        want = _blocked_oracle(g, geo).reshape(-1)
+        for (s, e), (buf, regs) in zip(ranges, pieces):
+            for r in regs:
+                subtract_means_(buf[r.start : r.stop].view(r.shape), (sums / geo.count)[r.sum_start : r.sum_stop].view(r.sum_shape))
+            torch.testing.assert_close(buf[2:], want[s:e], rtol=0, atol=1e-9)
+            assert torch.all(buf[:2] == 0), "a region wrote outside its piece"
+        got = set()
+        for lo, hi in split_channels(geo, ranges):
+            got |= set(range(lo, hi))
+        assert got == _brute_split_blocked(geo, ranges), (kind, shape, ranges)
+
+
+def test_grouped_block_plan_when_dim0_is_not_sharded():
+    """A grouped ConvTranspose weight cut on dim 2 (not on its grouped dim 0): the local
+    block is viewed as (groups, in_g, out_g, k) and the partial sums completed over the
+    cutting axis reproduce the oracle; cut on dim 0 by two axes it is refused."""
+    from dist_gc.engine.layout import ShardAxis, plan_block
+
+    g = torch.randn(6, 2, 4, dtype=torch.float64) + torch.arange(2, dtype=torch.float64).view(1, 2, 1)
+    geo = geometry_of(g.shape, "channel", 1, groups=3)
+    halves = [g[:, :, :2].contiguous(), g[:, :, 2:].contiguous()]
+    plans = [plan_block("w", geo, shape=g.shape, local_shape=h.shape, kept_dims=(1,), grouped_dim=0,
+                        shard_axes=(ShardAxis("tp", 2, size=2, index=i),), source=0) for i, h in enumerate(halves)]
+    assert all(red.group == "tp" for p in plans for red in p.reductions)
+    sums = [torch.zeros(p.num_sums, dtype=torch.float64) for p in plans]
+    for h, p, s in zip(halves, plans, sums):
+        (r,) = p.regions
+        add_sums_(h.view(-1)[r.start : r.stop].view(r.shape), s[r.sum_start : r.sum_stop].view(r.sum_shape))
+    total = (sums[0] + sums[1]) / geo.count  # the all-reduce over "tp"
+    want = _blocked_oracle(g, geo)
+    for i, (h, p) in enumerate(zip(halves, plans)):
+        (r,) = p.regions
+        subtract_means_(h.view(-1)[r.start : r.stop].view(r.shape), total[r.sum_start : r.sum_stop].view(r.sum_shape))
+        torch.testing.assert_close(h, want[:, :, 2 * i : 2 * i + 2], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="grouped ConvTranspose"):
+        plan_block("w", geo, shape=g.shape, local_shape=(3, 2, 4), kept_dims=(1,), grouped_dim=0, source=0,
+                   shard_axes=(ShardAxis("a", 0, size=2), ShardAxis("b", 0, size=1)))
