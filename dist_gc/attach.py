@@ -18,9 +18,12 @@ optimizer still holds the tensors that were planned.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import sys
+import warnings
 import weakref
 from typing import Any, Callable
 
@@ -29,12 +32,16 @@ import torch
 from .adapters import Description, describe
 from .core.config import GCConfig
 from .core.select import warn_optimizer_risks
+from .engine.agreement import Agreement, peer_ranks
 from .engine.engine import GCEngine, GCStats
 from .planner import Plan, plan
 
 __all__ = ["attach", "GCHandle"]
 
 log = logging.getLogger("dist_gc")
+
+#: The key GC's step count is saved under in the optimizer's state dict.
+_STATE_KEY = "dist_gc"
 
 #: The handle attached to each optimizer (one attach per optimizer).
 _HANDLES: "weakref.WeakKeyDictionary[Any, GCHandle]" = weakref.WeakKeyDictionary()
@@ -89,13 +96,21 @@ class GCHandle:
         self.replans = 0
         """How many times the plan was re-derived because the optimizer's parameters changed."""
         self._redescribe = redescribe
+        self._agreement: Agreement | None = None
+        self._steps_done = 0
+        self._state_hooks: list = []
         self._hook = None
         self._stats = GCStats()
         if description is None or gc_plan is None:
             return
         self._build(description, gc_plan)
-        self._hook = description.optimizer.register_step_pre_hook(self._pre_step)
-        _HANDLES[description.optimizer] = self
+        opt = description.optimizer
+        self._hook = opt.register_step_pre_hook(self._pre_step)
+        # GC's step count travels with the optimizer's checkpoint, so stats.step continues
+        # after a resume (DeepSpeed: taken from the engine's own global_steps instead).
+        self._state_hooks = [opt.register_state_dict_post_hook(self._save_step),
+                             opt.register_load_state_dict_pre_hook(self._load_step)]
+        _HANDLES[opt] = self
 
     def _build(self, description: Description, gc_plan: Plan) -> None:
         self.description, self.plan = description, gc_plan
@@ -105,12 +120,31 @@ class GCHandle:
         self.engines = tuple(GCEngine(plans, description.sources, full_stats=self.config.full_stats) for plans in gc_plan.phases)
         # What the optimizer holds, by identity: checked at every step (cheap: no data).
         self._planned_ids = None if description.phase_of is not None else _param_ids(description.optimizer)
-        # Message sizes are derived independently on each rank; check they agree once
-        # (collective, on every rank) so a layout bug fails here instead of hanging.
-        for engine in self.engines:
-            engine.verify_collectives()
+        # Every rank GC talks to must have the same setup: compared through the store
+        # BEFORE any collective (a per-rank difference would otherwise hang or diverge).
+        # The number and sizes of every later GC collective follow from these facts.
+        groups = [*description.peer_groups]
+        groups += [g for p in gc_plan.plans for g in (*p.shard_groups, *(r.group for r in p.reductions))]
+        ranks = peer_ranks(dict.fromkeys(groups))
+        self._agreement = Agreement(ranks, description.label) if len(ranks) > 1 else None
+        if self._agreement is not None:
+            self._agreement.compare(self._facts())
         if description.check is not None:
             description.check()
+
+    def _facts(self) -> dict:
+        """What every peer must share: settings, targets, geometries, phases, buckets."""
+        geometry = hashlib.sha1(json.dumps(
+            [[t.name, list(t.shape), t.output_dim, t.batch_dims, t.groups] for t in self.plan.targets.values() if t.geometry is not None]
+        ).encode()).hexdigest()[:16]
+        return {
+            "settings": self.config.to_dict(),
+            "engine": self.description.label,
+            "centralized": sorted(self.plan.centralized),
+            "output channels (digest)": geometry,
+            "phases": len(self.engines),
+            "GC all-reduce sizes": [[b.size for b in e.buckets] for e in self.engines],
+        }
 
     @property
     def enabled(self) -> bool:
@@ -129,8 +163,23 @@ class GCHandle:
 
     @property
     def steps(self) -> int:
-        """Optimizer steps GC has run on (each phase-0 step opens one)."""
-        return self.engines[0].steps if self.engines else 0
+        """Optimizer steps GC has run on, counting those before a checkpoint resume."""
+        return self._steps_done
+
+    def _next_step(self) -> int:
+        count = self.description.step_count
+        return count() + 1 if count is not None else self._steps_done + 1
+
+    def _save_step(self, optimizer: Any, state_dict: dict) -> dict:
+        state_dict[_STATE_KEY] = {"step": self._steps_done}
+        return state_dict
+
+    def _load_step(self, optimizer: Any, state_dict: dict) -> dict:
+        state_dict = dict(state_dict)
+        saved = state_dict.pop(_STATE_KEY, None)
+        if isinstance(saved, dict) and isinstance(saved.get("step"), int):
+            self._steps_done = saved["step"]
+        return state_dict
 
     @property
     def stats(self) -> GCStats:
@@ -140,6 +189,8 @@ class GCHandle:
     # ------------------------------------------------------------------ per step
     def _pre_step(self, optimizer: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         phase = self._check_optimizer(optimizer)
+        if phase == 0 and self._agreement is not None:
+            self._agreement.check_removed(self._next_step())  # before any GC collective of this step
         # torch passes the bound call's args: (optimizer, closure?) — see
         # torch/optim/optimizer.py, Optimizer.profile_hook_step.
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
@@ -199,7 +250,11 @@ class GCHandle:
         stats = GCStats(skipped=self._stats.skipped)
         stats = self.engines[phase].step(stats)
         # Phase 0 opens a training step; later phases add to its statistics.
-        self._stats = stats if phase == 0 else self._stats.merge(stats)
+        if phase == 0:
+            self._steps_done = stats.step = self._next_step()
+            self._stats = stats
+        else:
+            self._stats = self._stats.merge(stats)
 
     def step(self) -> GCStats:
         """Centralize the current gradients now, every phase in order (for code that
@@ -209,10 +264,18 @@ class GCHandle:
         return self._stats
 
     def remove(self) -> None:
-        """Detach GC; the optimizer behaves exactly as before ``attach``."""
+        """Detach GC; the optimizer behaves exactly as before ``attach``.
+
+        Collective: call it on every rank, at the same point. A rank that still runs GC
+        after a peer removed it raises at its next step (instead of hanging in a GC
+        collective or silently updating differently)."""
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+            for h in self._state_hooks:
+                h.remove()
+            if self._agreement is not None:
+                self._agreement.mark_removed(self._steps_done)
             if _HANDLES.get(self.description.optimizer) is self:
                 del _HANDLES[self.description.optimizer]
         if self.description is not None:
@@ -279,6 +342,11 @@ def attach(target: Any, *, model: Any = None, config: GCConfig | dict | None = N
         if _is_rank0():
             log.info("GC OFF (config: enabled=false)")
         return GCHandle(None, None, config)
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise ValueError(
+            f"dist_gc.attach: model= is a {type(model).__module__}.{type(model).__qualname__}; expected the (wrapped) "
+            "torch.nn.Module whose parameters the optimizer updates (its names and layer types decide the output dims)"
+        )
     description = describe(target, model)
     existing = _HANDLES.get(description.optimizer)
     if existing is not None and existing.enabled:
@@ -288,6 +356,13 @@ def attach(target: Any, *, model: Any = None, config: GCConfig | dict | None = N
         )
     gc_plan = plan(description.layouts, config, description.roles, phases=description.phases)
     warn_optimizer_risks(description.optimizer)
+    if not description.roles and config.mode == "channel" and gc_plan.centralized and _is_rank0():
+        warnings.warn(
+            f"dist_gc.attach without model=: output dim 0 assumed for all {len(gc_plan.centralized)} centralized tensors "
+            f"({', '.join(gc_plan.centralized[:4])}{', ...' if len(gc_plan.centralized) > 4 else ''}); pass model= so "
+            "ConvTranspose, Hugging Face Conv1D and other layers get their own output dim",
+            stacklevel=2,
+        )
     # Single process / DDP layouts can be re-derived locally when the optimizer's
     # parameters change (a new param group); sharded engines' cannot.
     redescribe = (lambda: describe(target, model)) if description.replannable else None

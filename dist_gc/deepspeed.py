@@ -26,7 +26,7 @@ from typing import Any
 
 from .adapters.zero import TESTED_VERSIONS
 from .attach import GCHandle, attach
-from .core.config import GCConfig
+from .core.config import GCConfig, unique_pairs
 
 __all__ = ["initialize", "read_config", "HANDLE_ATTRIBUTE", "TESTED_VERSIONS"]
 
@@ -61,9 +61,11 @@ def _read_file(path: str) -> GCConfig:
         return GCConfig.from_deepspeed_config(path)
     try:
         with open(path, encoding="utf-8") as f:
-            data = hjson.load(f)
+            data = hjson.load(f, object_pairs_hook=unique_pairs(path))
     except OSError as exc:
         raise ValueError(f"cannot read DeepSpeed config {path!r}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not a UTF-8 text file ({exc})") from None
     except hjson.HjsonDecodeError as exc:
         raise ValueError(f"{path}: not a valid DeepSpeed JSON config: {exc}") from None
     return GCConfig.from_deepspeed_config(dict(data), where=path)

@@ -63,6 +63,8 @@ def plan(layouts: Sequence[TensorLayout], config: GCConfig, roles: Mapping[str, 
     targets = resolve_targets([(layout.name, layout.shape) for layout in layouts], config, roles)
     if not config.enabled:
         targets = {n: Target(t.name, t.shape, None, None, "disabled") for n, t in targets.items()}
+    if config.enabled and not config.allow_empty and targets and all(t.geometry is None for t in targets.values()):
+        raise ValueError(_nothing_selected(targets, config))
     per_phase: list[list[TensorPlan]] = [[] for _ in range(phases)]
     for layout in layouts:
         t = targets[layout.name]
@@ -72,3 +74,19 @@ def plan(layouts: Sequence[TensorLayout], config: GCConfig, roles: Mapping[str, 
             raise ValueError(f"dist_gc: {layout.name!r} is described in phase {layout.phase} of {phases}")
         per_phase[layout.phase].append(plan_tensor(layout, t))
     return Plan(targets, tuple(tuple(p) for p in per_phase))
+
+
+def _nothing_selected(targets: dict[str, Target], config: GCConfig) -> str:
+    """Which keys left every parameter out, with counts (the most common first)."""
+    causes: dict[str, int] = {}
+    for t in targets.values():
+        r = t.reason
+        key = ("min_ndim" if r.startswith("ndim") else "include" if r.startswith("matches no include")
+               else "exclude" if r.startswith("excluded") else r.split(":")[0])
+        causes[key] = causes.get(key, 0) + 1
+    shown = {"min_ndim": f"min_ndim={config.min_ndim}", "include": f"include={list(config.include)}",
+             "exclude": f"exclude={list(config.exclude)}"}
+    parts = [f"{shown.get(k, k)} leaves out {n}" for k, n in sorted(causes.items(), key=lambda kv: -kv[1])]
+    largest = max(len(t.shape) for t in targets.values())
+    return (f"gradient centralization is enabled but selects none of the {len(targets)} parameters: {'; '.join(parts)} "
+            f"(largest ndim {largest}). Allowed: change those keys, enabled=false to turn GC off, or allow_empty=true")

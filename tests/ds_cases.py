@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from tests.harness import progress
 from tests.models import GCTestNet, loss_on, local_slice, make_batch, make_shifted_model
 from tests.oracle import naive_centralize, oracle_centralize, oracle_step
 
@@ -267,7 +268,7 @@ def run_variant(case: dict[str, Any], rank: int, world: int, variant: str, mode:
     train_step(engine, case, rank, world)
     facts["skipped_steps"] = engine.skipped_steps
     if handle is not None:
-        facts["gc_steps"] = handle.steps
+        facts["gc_steps"] = handle.engines[0].steps
         st = handle.stats
         facts["gc_bytes"] = st.bytes_communicated
         facts["stats"] = (st.grad_norm_before, st.grad_norm_after, st.max_abs_mean_before, st.max_abs_mean_after)
@@ -368,6 +369,7 @@ def run_cases(rank: int, world: int, cases: list[dict[str, Any]]) -> list[dict[s
                 res["projected"][key] = errors(got, {n: w0[n] + proj[n] for n in w0})
         res["seconds"] = time.perf_counter() - t0
         results.append(res)
+        progress(f"{case['id']} ({res['seconds']:.0f} s)")
         settle()
     return results
 
@@ -392,7 +394,7 @@ def run_overflow(rank: int, world: int, cases: list[dict[str, Any]]) -> list[dic
                 "scale_before": scale,
                 "scale_after": float(engine.optimizer.loss_scale),
                 "overflow": overflow,
-                "gc_steps": engine.dist_gc.steps,
+                "gc_steps": engine.dist_gc.engines[0].steps,
                 "changed": max(float((now[n] - w0[n]).abs().max()) for n in w0),
             })
             if not overflow:
@@ -501,7 +503,7 @@ def run_config_checks(rank: int, world: int, config_dir: str, with_cpu_adam: boo
             engine = dist_gc.deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1e-3), config=local)[0]
         train_step(engine, case, rank, world)
         h = engine.dist_gc
-        res["examples"][fname] = (h.label, h.steps, len(h.stats.centralized))
+        res["examples"][fname] = (h.label, h.engines[0].steps, len(h.stats.centralized))
         h.remove()
         engine.destroy()
 

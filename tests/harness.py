@@ -6,7 +6,9 @@
 * A run that exceeds ``timeout`` kills every rank and FAILS the test: never a hang.
 * An exception on any rank kills the others (they may be blocked in a collective)
   and is re-raised in the test naming the rank, with its traceback.
-* One spawn runs many cases: process start-up dominates the cost.
+* One spawn runs many cases: process start-up dominates the cost. A worker calls
+  :func:`progress` after each case, so a bundle that times out says which cases
+  finished on which rank.
 """
 
 from __future__ import annotations
@@ -24,7 +26,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-DEFAULT_TIMEOUT = float(os.environ.get("DIST_GC_TEST_TIMEOUT", "240"))
+DEFAULT_TIMEOUT = float(os.environ.get("DIST_GC_TEST_TIMEOUT", "600"))
+
+_OUT: Any = None
+_RANK = 0
+
+
+def progress(label: str) -> None:
+    """Report, from a worker, that ``label`` finished (shown if the run times out)."""
+    if _OUT is not None:
+        _OUT.put((_RANK, "progress", label))
 
 
 class RankError(AssertionError):
@@ -38,6 +49,8 @@ def free_port() -> int:
 
 
 def _worker(rank: int, world_size: int, store_dir: str, port: int, fn: Callable, args: tuple, kwargs: dict, out: Any) -> None:
+    global _OUT, _RANK
+    _OUT, _RANK = out, rank
     try:
         os.environ.update(
             RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
@@ -62,12 +75,15 @@ def _worker(rank: int, world_size: int, store_dir: str, port: int, fn: Callable,
                 pass
 
 
-def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = DEFAULT_TIMEOUT, **kwargs: Any) -> list[Any]:
+def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = DEFAULT_TIMEOUT,
+                    may_die: tuple[int, ...] = (), **kwargs: Any) -> list[Any]:
     """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` gloo ranks and
-    return the per-rank results (rank order). ``fn`` must be a module-level function."""
+    return the per-rank results (rank order). ``fn`` must be a module-level function.
+    Ranks in ``may_die`` may exit without a result (fault injection): theirs is ``None``."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     results: dict[int, Any] = {}
+    done: dict[int, list[str]] = {r: [] for r in range(world_size)}
     with tempfile.TemporaryDirectory(prefix="dist_gc_test_") as store_dir:
         port = free_port()
         procs = [ctx.Process(target=_worker, args=(r, world_size, store_dir, port, fn, args, kwargs, out), daemon=True) for r in range(world_size)]
@@ -80,17 +96,25 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
                 if left <= 0:
                     raise TimeoutError(
                         f"distributed test {fn.__name__} (world_size={world_size}) timed out after {timeout:.0f}s; "
-                        f"ranks finished: {sorted(results)}"
+                        f"ranks finished: {sorted(results)}; cases finished per rank: {done}"
                     )
                 try:
                     rank, status, payload = out.get(timeout=min(left, 1.0))
                 except queue.Empty:
                     dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
+                    for r in [r for r in dead if r in may_die]:
+                        results[r] = None
+                    dead = [r for r in dead if r not in may_die]
                     if dead:
-                        raise RankError(f"rank(s) {dead} of {fn.__name__} died (exit codes {[procs[r].exitcode for r in dead]})")
+                        raise RankError(f"rank(s) {dead} of {fn.__name__} died (exit codes {[procs[r].exitcode for r in dead]}); "
+                                        f"cases finished per rank: {done}")
+                    continue
+                if status == "progress":
+                    done[rank].append(payload)
                     continue
                 if status == "error":
-                    raise RankError(f"rank {rank} of {fn.__name__} (world_size={world_size}) failed:\n{payload}")
+                    raise RankError(f"rank {rank} of {fn.__name__} (world_size={world_size}) failed (cases finished per rank: "
+                                    f"{done}):\n{payload}")
                 results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
         finally:
             for p in procs:

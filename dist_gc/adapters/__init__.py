@@ -62,6 +62,13 @@ class Description:
     """Optional value check run once at attach, on every rank, after the collectives
     were verified (e.g. the layout against the fp32 master values)."""
     on_remove: list[Callable[[], None]] = field(default_factory=list)
+    step_count: Callable[[], int] | None = None
+    """Optimizer steps the engine has completed (restored from its checkpoints), when it
+    counts them itself (DeepSpeed's ``global_steps``); else GC counts, and saves the
+    count in the optimizer's state dict."""
+    peer_groups: tuple = ()
+    """Process groups whose ranks must run the same GC setup beyond those the layouts
+    name (DDP's group, FSDP's replicate groups): checked at attach."""
     replannable: bool = False
     """Whether the layout can be re-derived on this rank alone when the optimizer's
     parameters change (whole tensors: single process, DDP); sharded layouts cannot."""

@@ -235,5 +235,7 @@ def describe(optimizer: Any, model: Any) -> Description | None:
         layouts=layouts + whole,
         sources=sources + whole_sources,
         label=f"FSDP1 {strategies} (use_orig_params={use_orig_params}, {len(units)} unit(s))",
+        # Shard groups, and HSDP's replicate groups: their ranks must run the same GC.
+        peer_groups=tuple(dict.fromkeys(g for u in units for g in (u.module.process_group, getattr(u.module, "_inter_node_pg", None)) if g is not None)),
         roles=resolve_roles(model),
     )

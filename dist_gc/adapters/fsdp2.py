@@ -138,5 +138,7 @@ def describe(optimizer: Any, model: Any) -> Description | None:
         layouts=layouts,
         sources=sources,
         label=f"{kind} (meshes: {', '.join(map(str, meshes))})",
+        # Every mesh axis, Replicate ones included: their ranks must run the same GC.
+        peer_groups=tuple(dict.fromkeys(m.get_group(mesh_dim=a) for m in meshes for a in range(m.ndim))),
         roles=resolve_roles(model) if model is not None else {},
     )

@@ -53,4 +53,5 @@ def describe(optimizer: Any, model: Any) -> Description | None:
         label="DDP" if ddp else "single process",
         roles=resolve_roles(model) if model is not None else {},
         replannable=True,
+        peer_groups=(model.process_group,) if ddp and hasattr(model, "process_group") else (),
     )

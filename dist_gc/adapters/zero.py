@@ -448,6 +448,8 @@ def describe(target: Any, model: Any) -> Description | None:
 
         found = describe_plain(inner, engine.module)
         found.label, found.on_remove = label, found.on_remove + on_remove
+        found.peer_groups = _dp_groups(engine)
+        found.step_count = lambda: int(engine.global_steps)
         return found
 
     m = kind(wrapper, param_names(engine.module))
@@ -462,7 +464,16 @@ def describe(target: Any, model: Any) -> Description | None:
         phase_of=_phase_finder({id(t): i for i, t in enumerate(m.masters)}, f"ZeRO-{stage}") if phased else None,
         check=_value_check(stage, wrapper, m),
         on_remove=on_remove,
+        peer_groups=_dp_groups(engine),
+        step_count=lambda: int(engine.global_steps),
     )
+
+
+def _dp_groups(engine: Any) -> tuple:
+    """The engine's data-parallel group: its ranks hold replicas or partitions of the
+    same parameters, so they must run the same GC setup."""
+    group = getattr(engine, "seq_data_parallel_group", None) or getattr(engine, "data_parallel_group", None)
+    return (group,) if group is not None else ()
 
 
 def _refuse_wrapped(target: Any, model: Any) -> None:

@@ -68,6 +68,10 @@ class GCConfig:
     e.g. ``Linear(1, n)`` or rank-1 LoRA factors — whose gradient GC would zero. With
     ``False`` such a tensor raises ``ValueError`` at attach time instead."""
 
+    allow_empty: bool = False
+    """Allow an enabled config that selects no parameter (otherwise a ``ValueError``
+    names the keys that left every parameter out: GC would silently do nothing)."""
+
     full_stats: bool = False
     """Also measure, every step, the gradient norm before/after and the max |mean| after
     GC (which must be ~0). Costs one extra read of the gradients and one small
@@ -79,7 +83,7 @@ class GCConfig:
         def bad(key: str, value: Any, allowed: str) -> None:
             errors.append(f"{key}={value!r} (allowed: {allowed})")
 
-        for key in ("enabled", "skip_degenerate", "full_stats"):
+        for key in ("enabled", "skip_degenerate", "full_stats", "allow_empty"):
             if not isinstance(getattr(self, key), bool):
                 bad(key, getattr(self, key), "true or false")
         if self.mode not in MODES:
@@ -154,6 +158,41 @@ class GCConfig:
         return out
 
 
+def unique_pairs(where: str):
+    """An ``object_pairs_hook`` (json, hjson) that raises ``ValueError`` on a repeated key
+    instead of silently keeping the last value."""
+
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in pairs:
+            if k in out:
+                raise ValueError(f"{where}: key {k!r} is given twice (values {out[k]!r} and {v!r}); keep one")
+            out[k] = v
+        return out
+
+    return hook
+
+
+def _yaml_loader(where: str):
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        """PyYAML's safe loader, refusing repeated mapping keys (YAML 1.2 forbids them;
+        PyYAML keeps the last one silently)."""
+
+    def construct_mapping(loader: Any, node: Any, deep: bool = False) -> dict:
+        seen: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ValueError(f"{where}: key {key!r} is given twice (line {key_node.start_mark.line + 1}); keep one")
+            seen[key] = loader.construct_object(value_node, deep=deep)
+        return seen
+
+    UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    return UniqueKeyLoader
+
+
 def _load_file(path: str | os.PathLike) -> Any:
     path = os.fspath(path)
     try:
@@ -161,16 +200,18 @@ def _load_file(path: str | os.PathLike) -> Any:
             text = f.read()
     except OSError as exc:
         raise ValueError(f"cannot read GC config file {path!r}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not a UTF-8 text file ({exc}); save the GC config as UTF-8 JSON or YAML") from None
     if path.endswith((".yaml", ".yml")):
         try:
             import yaml
         except ImportError:  # pragma: no cover - pyyaml is a declared dependency
             raise ValueError(f"{path}: reading YAML needs PyYAML (pip install pyyaml)") from None
         try:
-            return yaml.safe_load(text)
+            return yaml.load(text, Loader=_yaml_loader(path))  # noqa: S506 - a SafeLoader subclass
         except yaml.YAMLError as exc:
             raise ValueError(f"{path}: not valid YAML: {exc}") from None
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=unique_pairs(path))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON: {exc}") from None

@@ -45,7 +45,12 @@ class GCStats:
     without_grad: list[str] = field(default_factory=list)
     """Planned parameters that had no gradient in this step (unused in the forward)."""
     max_abs_mean_before: float = 0.0
-    """Largest |channel mean| GC removed (this rank's channels; global with full_stats)."""
+    """Largest |channel mean| GC removed (this rank's channels; global with full_stats).
+    NaN when any mean is not finite (see ``nonfinite``)."""
+    nonfinite: int = 0
+    """Channels whose mean is NaN/inf (this rank's; with full_stats the largest count of
+    any rank, so > 0 on every rank when any has one). Counted explicitly: a MAX
+    all-reduce over gloo drops NaN, which would hide a diverged gradient."""
     max_abs_mean_after: float | None = None
     """Largest |channel mean| left after GC (must be ~0); with ``full_stats`` only."""
     grad_norm_before: float | None = None
@@ -69,9 +74,10 @@ class GCStats:
         def norm(x: float | None, y: float | None) -> float | None:
             return None if x is None or y is None else (x * x + y * y) ** 0.5
 
-        self.max_abs_mean_before = max(self.max_abs_mean_before, other.max_abs_mean_before)
+        self.max_abs_mean_before = _nanmax(self.max_abs_mean_before, other.max_abs_mean_before)
+        self.nonfinite += other.nonfinite
         if self.max_abs_mean_after is not None and other.max_abs_mean_after is not None:
-            self.max_abs_mean_after = max(self.max_abs_mean_after, other.max_abs_mean_after)
+            self.max_abs_mean_after = _nanmax(self.max_abs_mean_after, other.max_abs_mean_after)
         self.grad_norm_before = norm(self.grad_norm_before, other.grad_norm_before)
         self.grad_norm_after = norm(self.grad_norm_after, other.grad_norm_after)
         self.centralized = [*self.centralized, *other.centralized]
@@ -80,6 +86,10 @@ class GCStats:
         self.collectives += other.collectives
         self.seconds += other.seconds
         return self
+
+
+def _nanmax(a: float, b: float) -> float:
+    return float("nan") if math.isnan(a) or math.isnan(b) else max(a, b)
 
 
 # --------------------------------------------------------------------------- compile
@@ -411,7 +421,11 @@ class GCEngine:
         sums, means_views, sq_before = self._accumulate(grads, "before", fuse=True)
         self._reduce(sums, stats)
         means = sums.div_(self._deferred_counts)  # in place: the cached views now hold means
-        stats.max_abs_mean_before = float(means.abs().max()) if means.numel() else 0.0
+        if means.numel():
+            # One device sync for both: the largest |mean| (NaN if any is NaN) and how
+            # many means are not finite.
+            top, bad = torch.stack([means.abs().max(), (~torch.isfinite(means)).sum().to(means.dtype)]).tolist()
+            stats.max_abs_mean_before, stats.nonfinite = (float("nan") if bad else top), int(bad)
         scratch: torch.Tensor | None = None
         for it, m in zip(self.compiled.items, means_views):
             x = None if it.final else self._view(grads, it.region)
@@ -433,7 +447,10 @@ class GCEngine:
         self._reduce(sums, GCStats())
         after = float(sums.div_(self._counts).abs().max()) if sums.numel() else 0.0
         sq = torch.stack([sq_before, sq_after], dim=1)  # (stat slots, 2)
-        maxes = torch.tensor([stats.max_abs_mean_before, after], dtype=torch.float64)
+        # NaN never enters a MAX all-reduce (gloo drops it): finite maxima and the count
+        # of non-finite means are reduced, and NaN is put back afterwards.
+        finite = [0.0 if math.isnan(v) else v for v in (stats.max_abs_mean_before, after)]
+        maxes = torch.tensor([*finite, float(stats.nonfinite or math.isnan(after))], dtype=torch.float64)
         # Slot 0 holds tensors this rank holds whole (counted once); every other slot
         # holds disjoint pieces, summed over each of the slot's shard groups.
         for i, groups in enumerate(self.compiled.stat_groups):
@@ -443,6 +460,10 @@ class GCEngine:
                 dist.all_reduce(t, group=group)
                 dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
                 sq[i], maxes = t.cpu(), m.cpu()
-        stats.max_abs_mean_before, stats.max_abs_mean_after = float(maxes[0]), float(maxes[1])
+        stats.nonfinite = int(maxes[2])
+        if stats.nonfinite:
+            stats.max_abs_mean_before = stats.max_abs_mean_after = float("nan")
+        else:
+            stats.max_abs_mean_before, stats.max_abs_mean_after = float(maxes[0]), float(maxes[1])
         stats.grad_norm_before = float(sq[:, 0].sum().sqrt())
         stats.grad_norm_after = float(sq[:, 1].sum().sqrt())
