@@ -25,7 +25,7 @@ from tests.jobs import ROOT, assert_verified, finish, job_env, run, start
 
 LAUNCHERS = ROOT / "launchers"
 SCRIPTS = sorted(p for p in LAUNCHERS.iterdir() if p.suffix in (".sh", ".sbatch"))
-TIMEOUT = 240
+TIMEOUT = 600  # seconds per launch (>= 4x a quiet run)
 
 pytest.importorskip("accelerate")
 
@@ -42,7 +42,7 @@ def test_every_launcher_parses():
         assert "set -euo pipefail" in script.read_text(), script.name
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(1200)
 @pytest.mark.parametrize("script, rank_var, port_var, extra", [
     ("torchrun_multinode.sh", "NODE_RANK", "MASTER_PORT", {}),
     ("torchrun_multinode.sh", "NODE_RANK", "MASTER_PORT", {"RDZV": "c10d"}),
@@ -67,7 +67,7 @@ def test_two_nodes_by_two_processes(tmp_path, script, rank_var, port_var, extra)
         assert "processes=4" in out, f"node {rank} did not join a world of 4:\n{out[-3000:]}"
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(1200)
 @pytest.mark.parametrize("script, port_var", [("torchrun.sh", "MASTER_PORT"), ("accelerate.sh", "MAIN_PROCESS_PORT")])
 def test_single_node_launcher_runs_the_main_job(tmp_path, script, port_var):
     rc, out = run(["bash", str(LAUNCHERS / script), "--steps", "2", "--eval-every", "2", "--output-dir", str(tmp_path)],
@@ -78,7 +78,7 @@ def test_single_node_launcher_runs_the_main_job(tmp_path, script, port_var):
     assert steps == [1, 2]
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(1200)
 def test_deepspeed_launcher_verifies(tmp_path):
     pytest.importorskip("deepspeed")
     deepspeed_exe = shutil.which("deepspeed", path=job_env()["PATH"])
