@@ -32,7 +32,7 @@ import torch
 from .adapters import Description, describe
 from .core.config import GCConfig
 from .core.select import warn_optimizer_risks
-from .engine.agreement import Agreement, peer_ranks
+from .engine.agreement import Agreement, peer_sets
 from .engine.engine import GCEngine, GCStats
 from .planner import Plan, plan
 
@@ -125,10 +125,18 @@ class GCHandle:
         # The number and sizes of every later GC collective follow from these facts.
         groups = [*description.peer_groups]
         groups += [g for p in gc_plan.plans for g in (*p.shard_groups, *(r.group for r in p.reductions))]
-        ranks = peer_ranks(dict.fromkeys(groups))
-        self._agreement = Agreement(ranks, description.label) if len(ranks) > 1 else None
+        rank_sets = peer_sets(dict.fromkeys(groups))
+        self._agreement = Agreement(rank_sets, description.label) if rank_sets else None
         if self._agreement is not None:
-            self._agreement.compare(self._facts())
+            # All-reduce sizes are compared within the group they run on (uneven shards
+            # make them differ between groups, legitimately).
+            per_set: dict[tuple[int, ...], list] = {}
+            for phase, engine in enumerate(self.engines):
+                for b in engine.buckets:
+                    key = peer_sets([b.group])
+                    if key:
+                        per_set.setdefault(key[0], []).append([phase, b.size])
+            self._agreement.compare(self._facts(), per_set)
         if description.check is not None:
             description.check()
 
@@ -143,7 +151,6 @@ class GCHandle:
             "centralized": sorted(self.plan.centralized),
             "output channels (digest)": geometry,
             "phases": len(self.engines),
-            "GC all-reduce sizes": [[b.size for b in e.buckets] for e in self.engines],
         }
 
     @property

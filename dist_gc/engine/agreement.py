@@ -23,7 +23,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch.distributed as dist
 
-__all__ = ["Agreement", "peer_ranks", "sync_timeout"]
+__all__ = ["Agreement", "peer_sets", "sync_timeout"]
 
 #: Seconds a rank waits for its peers to reach the same point (``DIST_GC_SYNC_TIMEOUT``).
 DEFAULT_SYNC_TIMEOUT = 300.0
@@ -35,17 +35,18 @@ def sync_timeout() -> float:
     return float(os.environ.get("DIST_GC_SYNC_TIMEOUT", DEFAULT_SYNC_TIMEOUT))
 
 
-def peer_ranks(groups: Iterable[Any]) -> tuple[int, ...]:
-    """Global ranks of every group (the union, sorted); ``()`` without a process group."""
+def peer_sets(groups: Iterable[Any]) -> tuple[tuple[int, ...], ...]:
+    """The global ranks of each group (sorted, duplicates and 1-rank groups dropped);
+    ``()`` without a process group. Ranks of a 2-D mesh share no single group: they
+    agree group by group, which is transitive (every rank's facts are global)."""
     if not (dist.is_available() and dist.is_initialized()):
         return ()
-    ranks: set[int] = {dist.get_rank()}
+    sets = set()
     for g in groups:
-        if g is None:
-            ranks |= set(range(dist.get_world_size()))
-        else:
-            ranks |= set(dist.get_process_group_ranks(g))
-    return tuple(sorted(ranks))
+        ranks = tuple(range(dist.get_world_size())) if g is None else tuple(sorted(dist.get_process_group_ranks(g)))
+        if len(ranks) > 1:
+            sets.add(ranks)
+    return tuple(sorted(sets))
 
 
 def _store() -> Any:
@@ -79,41 +80,59 @@ def _diff(prefix: str, values: Mapping[int, Any]) -> list[str]:
 
 
 class Agreement:
-    """The GC control channel of one handle among ``ranks`` (global ranks, this one
-    included). Every rank of ``ranks`` must create it at the same point (``attach``)."""
+    """The GC control channel of one handle: one key space per group of peers
+    (``rank_sets``: global ranks, this one included in each). Every rank of every set
+    must create it at the same point (``attach``)."""
 
-    def __init__(self, ranks: Sequence[int], what: str) -> None:
-        self.ranks = tuple(ranks)
+    def __init__(self, rank_sets: Sequence[Sequence[int]], what: str) -> None:
         self.rank = dist.get_rank()
-        epoch = _EPOCHS.get(self.ranks, 0)
-        _EPOCHS[self.ranks] = epoch + 1
-        self.prefix = f"dist_gc/{'.'.join(map(str, self.ranks))}/{epoch}"
+        self.channels: list[tuple[tuple[int, ...], str]] = []
+        for ranks in rank_sets:
+            ranks = tuple(ranks)
+            epoch = _EPOCHS.get(ranks, 0)
+            _EPOCHS[ranks] = epoch + 1
+            self.channels.append((ranks, f"dist_gc/{'.'.join(map(str, ranks))}/{epoch}"))
         self.what = what
         self.store = _store()
 
-    def _wait(self, keys: list[str], doing: str, timeout: float) -> None:
+    @property
+    def ranks(self) -> list[int]:
+        return sorted({r for ranks, _ in self.channels for r in ranks})
+
+    def _wait(self, ranks: tuple[int, ...], keys: list[str], doing: str, timeout: float) -> None:
         try:
             self.store.wait(keys, datetime.timedelta(seconds=timeout))
         except Exception:  # noqa: BLE001 - a timeout: name the missing ranks
-            missing = [r for r, k in zip(self.ranks, keys) if not self.store.check([k])]
+            missing = [r for r, k in zip(ranks, keys) if not self.store.check([k])]
             raise RuntimeError(
-                f"dist_gc: rank(s) {missing or '?'} of {list(self.ranks)} did not reach {doing} within {timeout:g} s "
+                f"dist_gc: rank(s) {missing or '?'} of {list(ranks)} did not reach {doing} within {timeout:g} s "
                 f"({self.what}). GC must be attached (and removed) on every rank, at the same point of the program; "
                 "DIST_GC_SYNC_TIMEOUT sets the wait"
             ) from None
 
-    def compare(self, facts: Mapping[str, Any], *, timeout: float | None = None) -> None:
-        """Publish ``facts`` (JSON-able), wait for every peer's, raise ``RuntimeError`` on
-        every rank if any differ, naming each differing fact and the ranks on each side."""
+    def compare(self, facts: Mapping[str, Any], per_set: Mapping[tuple[int, ...], Any] | None = None, *,
+                timeout: float | None = None) -> None:
+        """Publish ``facts`` (JSON-able; plus ``per_set[ranks]`` on that set's channel
+        only — e.g. the sizes of the all-reduces over that group, which ranks of other
+        groups need not share), wait for every peer's, and raise ``RuntimeError`` on every
+        rank if any differ, naming each differing fact and the ranks on each side."""
         timeout = sync_timeout() if timeout is None else timeout
-        self.store.set(f"{self.prefix}/facts/{self.rank}", json.dumps(facts, sort_keys=True))
-        keys = [f"{self.prefix}/facts/{r}" for r in self.ranks]
-        self._wait(keys, "dist_gc.attach", timeout)
-        peers = {r: json.loads(self.store.get(k)) for r, k in zip(self.ranks, keys)}
-        diffs = _diff("", peers)
+        per_set = per_set or {}
+
+        def text(ranks: tuple[int, ...]) -> str:
+            return json.dumps({**facts, "GC all-reduces over this group": per_set.get(ranks, [])}, sort_keys=True)
+
+        for ranks, prefix in self.channels:  # publish everywhere first: waiting never blocks a peer
+            self.store.set(f"{prefix}/facts/{self.rank}", text(ranks))
+        diffs: list[str] = []
+        for ranks, prefix in self.channels:
+            keys = [f"{prefix}/facts/{r}" for r in ranks]
+            self._wait(ranks, keys, "dist_gc.attach", timeout)
+            found = _diff("", {r: json.loads(self.store.get(k)) for r, k in zip(ranks, keys)})
+            diffs += [d for d in found if d not in diffs]
         if diffs:
             raise RuntimeError(
-                f"dist_gc: ranks {list(self.ranks)} disagree on the GC setup ({self.what}): " + "; ".join(diffs)
+                f"dist_gc: ranks {self.ranks} disagree on the GC setup ({self.what}): " + "; ".join(diffs)
                 + ". Every rank must attach GC with the same settings to the same model; otherwise replicas drift "
                 "apart or GC's collectives hang"
             )
@@ -122,23 +141,24 @@ class Agreement:
     def mark_removed(self, after_step: int) -> None:
         """This rank removed GC after its step ``after_step`` (``remove()`` is collective:
         every rank must call it, after the same step)."""
-        self.store.set(f"{self.prefix}/removed/{self.rank}", str(after_step))
-        self.store.add(f"{self.prefix}/removed", 1)
+        for _, prefix in self.channels:
+            self.store.set(f"{prefix}/removed/{self.rank}", str(after_step))
+            self.store.add(f"{prefix}/removed", 1)
 
     def check_removed(self, step: int) -> None:
         """Raise when a peer removed GC before step ``step``, which this rank is about to
-        centralize (one store round trip per optimizer step; more only after a removal):
-        the ranks would now update differently, and this rank's GC collectives would pair
-        with the peer's engine collectives. A peer that removed after ``step`` (it merely
-        got there first) is fine."""
-        if int(self.store.add(f"{self.prefix}/removed", 0)) == 0:
-            return
-        gone = {}
-        for r in self.ranks:
-            key = f"{self.prefix}/removed/{r}"
-            if r != self.rank and self.store.check([key]):
-                gone[r] = int(self.store.get(key))
-        early = {r: s for r, s in gone.items() if s < step}
+        centralize (one store round trip per group per optimizer step; more only after a
+        removal): the ranks would now update differently, and this rank's GC collectives
+        would pair with the peer's engine collectives. A peer that removed after ``step``
+        (it merely got there first) is fine."""
+        early: dict[int, int] = {}
+        for ranks, prefix in self.channels:
+            if int(self.store.add(f"{prefix}/removed", 0)) == 0:
+                continue
+            for r in ranks:
+                key = f"{prefix}/removed/{r}"
+                if r != self.rank and self.store.check([key]) and int(self.store.get(key)) < step:
+                    early[r] = int(self.store.get(key))
         if early:
             raise RuntimeError(
                 f"dist_gc: rank(s) {sorted(early)} removed GC ({self.what}) after step(s) {sorted(set(early.values()))}, "
