@@ -325,7 +325,7 @@ def test_plan_block_against_brute_force(mode):
                 local = local.index_select(d, torch.tensor(ix, dtype=torch.long))
             # A group = the ranks that differ only in axis a's coordinate.
             groups = [ShardAxis((a, coord[:a] + coord[a + 1 :]), d) for a, d in enumerate(cuts) if d is not None]
-            plan = plan_block("t", geo, local_shape=local.shape, output_dim=k if mode == "channel" else None, shard_axes=groups, source=0)
+            plan = plan_block("t", geo, shape=shape, local_shape=local.shape, kept_dims=(k,) if mode == "channel" else (), shard_axes=groups, source=0)
             sums = torch.zeros(plan.num_sums, dtype=torch.float64)
             for r in plan.regions:
                 add_sums_(local, sums[r.sum_start : r.sum_stop].view(r.sum_shape))
