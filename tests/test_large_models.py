@@ -725,8 +725,10 @@ def test_stacked_expert_weights_detected_and_exact(capsys):
     upd, _ = _stacked_step({"mode": "tensor", "min_ndim": 1}, grads)  # one mean per expert, biases included
     torch.testing.assert_close(upd["w"], lm.oracle_gc(grads["w"], "tensor", 0, 1), rtol=0, atol=1e-6)
     torch.testing.assert_close(upd["b"], lm.oracle_gc(grads["b"], "tensor", 0, 1), rtol=0, atol=1e-6)
+    capsys.readouterr()
     upd, _ = _stacked_step({"output_dim": {"w": 2}}, grads)  # (E, in, out): older torchtitan, HF gpt-oss
     torch.testing.assert_close(upd["w"], lm.oracle_gc(grads["w"], "channel", 2, 1), rtol=0, atol=1e-6)
+    assert "(E, out, in) assumed" not in capsys.readouterr().err  # the user said it: no assumption left to name
     upd, _ = _stacked_step({"batch_dims": {"w": 0}, "output_dim": {"w": 0}}, grads)  # detection overridden
     torch.testing.assert_close(upd["w"], lm.oracle_gc(grads["w"], "channel", 0, 0), rtol=0, atol=1e-6)
 
