@@ -17,6 +17,7 @@ Everything else (``dist_gc.core``, ``dist_gc.engine``, ``dist_gc.adapters``,
 
 from . import hooks
 from .attach import GCHandle, attach
+from .clip import clip_grad_norm_
 from .core.centralize import centralize_
 from .core.config import GCConfig
 from .engine.engine import GCStats
@@ -29,5 +30,6 @@ __all__ = [
     "GCHandle",
     "GCStats",
     "centralize_",
+    "clip_grad_norm_",
     "hooks",
 ]

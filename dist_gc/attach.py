@@ -18,6 +18,7 @@ optimizer still holds the tensors that were planned.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
@@ -306,10 +307,12 @@ def _summary(handle: GCHandle) -> str:
     collectives = sum(1 for e in handle.engines for b in e.buckets if b.size)
     line = (f"GC ON: {handle.label}, mode={c.mode}, {len(p.centralized)} tensor(s) centralized, {len(p.skipped)} skipped, "
             f"GC traffic {traffic} B/step in {collectives} all-reduce(s)")
-    unknown = [t for t in p.targets.values() if t.geometry is not None and (t.role is None or not t.role.known)]
+    # An output_dim pattern the user wrote is not an assumption.
+    unknown = [t for t in p.targets.values() if t.geometry is not None and (t.role is None or not t.role.known)
+               and not any(fnmatch.fnmatchcase(t.name, pat) for pat in c.output_dim)]
     if unknown and c.mode == "channel":
         shown = ", ".join(f"{t.name} ({t.role.kind if t.role else 'no module found'}: dim {t.output_dim})" for t in unknown[:5])
-        line += f"; output dim assumed (module type not recognised; set output_dim to override) for {len(unknown)}: {shown}"
+        line += f"; output dim assumed (module type not recognised, or a stacked expert layout shapes cannot tell; set output_dim to override) for {len(unknown)}: {shown}"
         line += ", ..." if len(unknown) > 5 else ""
     return line
 

@@ -104,7 +104,7 @@ def _wrap(case: Case, model: torch.nn.Module, world_size: int):
     kw = dict(device_id=torch.device("cpu"), sharding_strategy=ShardingStrategy[case.strategy], use_orig_params=case.orig)
     if case.nested:
         kw["auto_wrap_policy"] = ModuleWrapPolicy({torch.nn.Conv2d, torch.nn.Linear})
-    if case.strategy == "HYBRID_SHARD":
+    if case.strategy in ("HYBRID_SHARD", "_HYBRID_SHARD_ZERO2"):
         if "hsdp" not in _MESH:
             from torch.distributed.device_mesh import init_device_mesh
 

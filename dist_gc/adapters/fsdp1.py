@@ -20,6 +20,12 @@ boundaries, completed by one all-reduce per step over the shard group.
   same shard: statistics travel only within the shard group (``handle.process_group``).
 * ``NO_SHARD``: every rank holds the whole, all-reduced flat gradient: no communication.
 
+``CPUOffload(offload_params=True)``: the optimizer steps CPU parameters whose gradients
+are CPU tensors with the same layout (the shard of the flat gradient copied to host).
+Only the message moves: the engine all-reduces it on the group's comm device (CUDA
+for NCCL) and copies it back. (On a machine without an accelerator FSDP1 offload does
+not run: it pins memory and synchronizes a stream unconditionally.)
+
 Where GC runs: in the optimizer's step pre-hook, i.e. after FSDP's reduce-scatter (and
 the HSDP all-reduce), after ``fsdp_model.clip_grad_norm_`` and before the update rule
 (before Adam's moments and decoupled weight decay). With ``MixedPrecision`` the
@@ -217,7 +223,11 @@ def describe(optimizer: Any, model: Any) -> Description | None:
                 # The optimizer steps the original parameter: its .grad is exactly this
                 # rank's piece (1-D when sharded, full shape for NO_SHARD), starting at 0.
                 layouts.append(tensor_layout(u, t, len(sources), 0))
-                sources.append(lambda p=t.param: p.grad)
+                s, e = t.ranges[u.rank] if u.group is not None else (0, 1)
+                # A rank that holds none of the tensor has no piece to read: its .grad is
+                # size 0, or None under CPUOffload(offload_params=True) (FSDP then never
+                # sets it). Its plan has no regions and still joins the all-reduce.
+                sources.append((lambda p=t.param: p.grad) if e > s else (lambda: None))
             else:
                 if id(u.flat_param) not in source_of:
                     source_of[id(u.flat_param)] = len(sources)

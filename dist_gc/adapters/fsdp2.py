@@ -26,6 +26,27 @@ Where GC runs: in the optimizer's step pre-hook, i.e. after FSDP2's reduce-scatt
 update rule. With ``MixedPrecisionPolicy`` the optimizer sees the gradient in the
 sharded parameter's dtype; statistics are accumulated in fp32 whatever the dtype.
 
+The same description covers the large-model compositions (torchtitan's recipe), whose
+layouts are all DTensor blocks:
+
+* expert parallelism: stacked expert weights ``(E, out, in)`` ``Shard(0)`` on the EP
+  axis, sharded again by FSDP2 (``(_StridedShard(0), Shard(0))`` by default, or
+  ``Shard(1)``/``Shard(2)`` from ``shard_placement_fn``) on their own mesh; dim 0 is a
+  batch dim (kept: see ``GCConfig.batch_dims``), so only axes cutting ``in`` (or
+  ``out`` in tensor mode) communicate;
+* pipeline stages: each stage's optimizer holds its own FSDP2 layers (attach per
+  stage); ``torch.distributed.pipelining`` reduce-scatters once after the last
+  micro-batch, and GC runs in that stage optimizer's ``step``;
+* context parallelism: parameters are replicated over CP in the math and FSDP2-sharded
+  on the flattened ``dp x cp`` mesh: plain ``Shard(0)`` blocks;
+* ``torch.compile`` per block: parameters and gradients are unchanged DTensors
+  (names may carry ``_orig_mod``, which ``clean_name`` removes);
+* ``CPUOffloadPolicy``: local gradients are CPU tensors; the engine all-reduces its
+  message on the group's comm device (see ``GCEngine``).
+
+Gradients on several meshes in one optimizer are fine here (one all-reduce per
+process group); clipping them needs :func:`dist_gc.clip_grad_norm_`.
+
 Placements other than ``Shard``/``_StridedShard``/``Replicate`` (e.g. ``Partial``)
 raise, naming the parameter and the placement.
 """

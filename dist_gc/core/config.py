@@ -42,7 +42,8 @@ class GCConfig:
 
     min_ndim: int = 2
     """Tensors with fewer dims are left alone (biases, norm scales). 4 = conv weights
-    only, the paper's GCC variant."""
+    only, the paper's GCC variant. Batch dims (see ``batch_dims``) are not counted: a
+    stack of expert biases ``(E, out)`` has one dim per weight and is left alone."""
 
     include: tuple[str, ...] = ("*",)
     """fnmatch patterns on the user's own parameter names (wrapper prefixes such as
@@ -61,7 +62,14 @@ class GCConfig:
     """``{pattern: n}``: the first ``n`` dims of matching parameters index independent
     stacked weights — MoE experts stacked as ``(num_experts, out, in)`` take ``1`` with
     ``output_dim`` 1 — so each gets its own means: one per (expert, output row) in
-    channel mode, one per expert in tensor mode. First matching pattern wins."""
+    channel mode, one per expert in tensor mode. First matching pattern wins.
+
+    Detected without a pattern: a parameter whose dim 0 equals its module's
+    ``num_experts`` (torchtitan's ``GroupedExperts``) gets 1, and — for a 3-D stack —
+    output dim 1 (torchtitan's ``(E, out, in)``), logged as an assumption at attach:
+    shapes cannot tell it from ``(E, in, out)`` (older torchtitan, Hugging Face gpt-oss),
+    which needs ``output_dim: {pattern: 2}``. An explicit pattern overrides detection
+    (``{pattern: 0}``: no batch dim; set ``output_dim`` with it)."""
 
     skip_degenerate: bool = True
     """Skip (and warn once about) tensors whose means each cover one element — fan-in 1,

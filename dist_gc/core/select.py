@@ -12,8 +12,14 @@ rules hold on every engine:
   and generated subclasses (FSDP2's ``FSDPLinear``, ``torch.compile``'s ``_orig_mod``,
   DDP/FSDP1/DeepSpeed/accelerate's ``module.``, PEFT's ``base_model.model.``).
 * :func:`resolve_targets` — composition, as in optax: ``include``/``exclude`` fnmatch
-  patterns on the user's own names, ``min_ndim``, per-pattern ``output_dim`` and
-  ``batch_dims`` overrides, degenerate tensors.
+  patterns on the user's own names, ``min_ndim`` (dims of one weight: batch dims are not
+  counted), per-pattern ``output_dim`` and ``batch_dims`` overrides, degenerate tensors.
+
+Stacked expert weights (MoE): a parameter whose dim 0 is its module's ``num_experts``
+gets batch dim 0 by detection; its output dim (1 for torchtitan's ``(E, out, in)``) is
+assumed and logged, because shapes cannot tell ``(E, out, in)`` from ``(E, in, out)``.
+``batch_dims: {pattern: 1}`` with ``output_dim: {pattern: d}`` say it explicitly, for
+any stacked weight.
 """
 
 from __future__ import annotations
@@ -148,6 +154,31 @@ def _parametrization_roles(module: nn.Module, base: Role | None) -> dict[str, Ro
     return out
 
 
+def _expert_role(module: nn.Module, pname: str, param: torch.Tensor) -> Role | None:
+    """The role of a parameter stacked over a module's experts, or ``None``.
+
+    A module that declares ``num_experts`` (torchtitan's ``GroupedExperts``, Hugging
+    Face's ``*Experts``) and owns a parameter whose dim 0 has exactly that size holds one
+    weight per expert: dim 0 is a batch dim (never averaged; one set of means per
+    expert). That much the module states, so it is detected. WHICH of the remaining dims
+    is the output dim it does not state, and shapes cannot tell: torchtitan stores
+    ``(E, out, in)`` since 2025-08 (``x @ w[e].T``, output dim 1), earlier torchtitan and
+    Hugging Face's gpt-oss ``(E, in, out)`` (``bmm(x, w)``, output dim 2) — identical
+    shapes whenever ``in == out``. So a 3-D stack gets output dim 1 marked as assumed
+    (``known=False``: the attach line names it), and ``output_dim: {pattern: 2}``
+    says the other layout. A 2-D stack ``(E, out)`` is a stacked bias: one non-batch dim,
+    left alone by the default ``min_ndim=2`` (see :func:`resolve_targets`)."""
+    experts = getattr(module, "num_experts", None)
+    if isinstance(experts, bool) or not isinstance(experts, int) or experts < 1:
+        return None
+    if param.dim() < 2 or int(param.shape[0]) != experts:
+        return None
+    kind = f"{_base_type_name(module)}.{pname} (stacked over {experts} experts"
+    if param.dim() == 2:
+        return Role(kind + ")", 1, batch_dims=1)
+    return Role(kind + "; output dim 1 as torchtitan's (E, out, in) assumed)", 1, batch_dims=1, known=False)
+
+
 def _param_role(path: str, module: nn.Module, pname: str, base: Role | None) -> Role | None:
     parts = path.split(".")
     if _LORA_B_PARTS & set(parts):
@@ -188,11 +219,13 @@ def resolve_roles(model: nn.Module) -> dict[str, Role]:
             special.setdefault("weight", _param_role(prefix + "weight", module, "weight", base))
         for pname, role in special.items():
             roles.setdefault(clean_name(prefix + pname), role)
-        for pname, _ in module.named_parameters(recurse=False):
+        for pname, param in module.named_parameters(recurse=False):
             name = clean_name(prefix + pname)
             if name in roles:
                 continue  # tied, or claimed by the parent (parametrizations)
             role = _param_role(prefix + pname, module, pname, base)
+            if role is None:
+                role = _expert_role(module, pname, param)
             roles[name] = role if role is not None else Role(f"{_base_type_name(module)}.{pname}", 0, known=False)
     return roles
 
@@ -281,8 +314,11 @@ def resolve_targets(
         def skip(reason: str) -> None:
             targets[name] = Target(name, shape, None, None, reason, role=role)
 
-        if len(shape) < config.min_ndim:
-            skip(f"ndim {len(shape)} < min_ndim {config.min_ndim}")
+        # min_ndim counts the dims of ONE weight: a stack of expert biases (E, out) is a
+        # stack of 1-D tensors and is skipped like a bias.
+        if len(shape) - batch < config.min_ndim:
+            stacked = f" (+{batch} batch dim{'s' if batch > 1 else ''})" if batch else ""
+            skip(f"ndim {len(shape) - batch}{stacked} < min_ndim {config.min_ndim}")
             continue
         inc = _first_match(name, config.include)
         if inc is None:

@@ -11,10 +11,20 @@ import torch.distributed as dist
 __all__ = ["comm_device", "raise_on_every_rank"]
 
 
-def comm_device(group: Any = None) -> torch.device:
+def comm_device(group: Any = None, prefer: torch.device | None = None) -> torch.device:
     """The device tensors must live on for collectives over ``group``: the current CUDA
-    device for NCCL, the CPU for gloo (and any other backend)."""
-    backend = dist.get_backend(group)
+    device for NCCL, the CPU for gloo (and any other backend).
+
+    A group with one backend per device type (``"cpu:gloo,cuda:nccl"``, what
+    ``init_process_group("cpu:gloo,cuda:nccl")`` or a device-less ``init_device_mesh``
+    gives) communicates on either: ``prefer`` (where the data already is) is kept when
+    the group has a backend for its type, else the CUDA device when it has one."""
+    backend = str(dist.get_backend(group))
+    if ":" in backend:
+        types = {part.split(":", 1)[0] for part in backend.split(",")}
+        if prefer is not None and prefer.type in types:
+            return prefer
+        return torch.device("cuda", torch.cuda.current_device()) if "cuda" in types else torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
 
 

@@ -241,7 +241,13 @@ class GCEngine:
 
     ``temp_limit_bytes`` bounds the fp32 temporaries of the low-precision path; by
     default ``max(DEFAULT_TEMP_BYTES, 1% of the local gradient bytes)``, measured at
-    the first step that has gradients."""
+    the first step that has gradients.
+
+    The sums live on the gradients' device; each all-reduce runs on its group's comm
+    device (:func:`~dist_gc.engine.collectives.comm_device`). When they differ —
+    CPU-offloaded gradients (FSDP2 ``CPUOffloadPolicy``, FSDP1 ``CPUOffload``) with an
+    NCCL group — only the message (4 B per split channel) is copied there and back;
+    offload changes neither the temporaries nor the message size."""
 
     def __init__(self, plans: Sequence[TensorPlan], sources: Sequence[Source], *, temp_limit_bytes: int | None = None, full_stats: bool = False) -> None:
         self.plans = list(plans)
@@ -260,6 +266,9 @@ class GCEngine:
         # Only the sources some region views are read each step (a description lists
         # every parameter's buffer, skipped ones included).
         self._used = sorted({it.region.source for it in self.compiled.items})
+        # Where each bucket's group communicates (see _reduce); filled at the first step
+        # and reset with the buffers when the gradients move.
+        self._wire_devices: dict[Any, torch.device] = {}
         self.steps = 0
 
     @property
@@ -368,7 +377,17 @@ class GCEngine:
                 continue
             idx = index.to(sums.device, non_blocking=True)
             msg = sums.index_select(0, idx)
-            dist.all_reduce(msg, group=b.group)
+            # The sums live with the gradients, which need not be where the group
+            # communicates: CPU-offloaded gradients (FSDP2 CPUOffloadPolicy, FSDP1
+            # CPUOffload) with an NCCL group, which only takes CUDA tensors. The
+            # message (4 B per split channel) then travels to the comm device and back.
+            dev = self._wire_devices.get(b.group)
+            if dev is None:
+                dev = self._wire_devices[b.group] = comm_device(b.group, prefer=msg.device)
+            wire = msg if msg.device == dev else msg.to(dev, copy=True)
+            dist.all_reduce(wire, group=b.group)
+            if wire is not msg:
+                msg.copy_(wire)
             sums.index_copy_(0, idx, msg)
             stats.bytes_communicated += msg.numel() * msg.element_size()
             stats.collectives += 1
@@ -378,7 +397,7 @@ class GCEngine:
         # Statistics in the wider of fp32 and the gradients' dtype (fp64 models stay exact).
         acc = torch.float64 if any(g is not None and g.dtype == torch.float64 for g in grads) else torch.float32
         if self._device != device or self._acc_dtype != acc:
-            self._device, self._acc_dtype, self._buffers = device, acc, {}
+            self._device, self._acc_dtype, self._buffers, self._wire_devices = device, acc, {}, {}
             self._counts = self._counts.to(device=device, dtype=acc)
             self._deferred_counts = self._deferred_counts.to(device=device, dtype=acc)
         if self._temp_limit is None and any(g is not None for g in grads):
