@@ -2,7 +2,7 @@
 whatever accelerate built — MULTI_CPU/DDP, FSDP1, FSDP2 or DeepSpeed.
 
     accelerator = Accelerator()
-    gc_config = dist_gc.accelerate.read_config(accelerator, "configs/gc/channel.yaml")  # fail fast
+    gc_config = dist_gc.accelerate.read_config(accelerator, "dist_gc/configs/gc/channel.yaml")  # fail fast
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     gc = dist_gc.accelerate.attach(accelerator, optimizer, model, config=gc_config)
     ...

@@ -476,9 +476,9 @@ def run_config_checks(rank: int, world: int, config_dir: str, with_cpu_adam: boo
     res["args_path"] = (engine.dist_gc.config.mode, sorted(engine.dist_gc.stats.skipped))
     engine.destroy()
 
-    # Example configs shipped in configs/deepspeed/: each trains one step with GC on.
+    # Example configs shipped in dist_gc/configs/deepspeed/: each trains one step with GC on.
     res["examples"] = {}
-    repo_configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "deepspeed")
+    repo_configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dist_gc", "configs", "deepspeed")
     for fname in sorted(os.listdir(repo_configs)):
         path = os.path.join(repo_configs, fname)
         with open(path) as f:
