@@ -541,5 +541,53 @@ def run_config_checks(rank: int, world: int, config_dir: str, with_cpu_adam: boo
 
     # Unsupported: ZeRO++ hierarchical partitioning (hpZ), self-communicating optimizer.
     res["hpz"] = _expect_error(lambda: init_with({"enabled": True}, {"id": "hpz", "stage": 3, "zero": {"zero_hpz_partition_size": world}}))
+    res["engine_block"] = run_engine_block_checks(rank, world)
     dist.barrier()
     return res
+
+
+def run_engine_block_checks(rank: int, world: int) -> dict[str, Any]:
+    """``dist_gc.attach(engine)`` on engines built by plain ``deepspeed.initialize``:
+    the engine's own block is the source of truth (issue 11)."""
+    import warnings
+
+    import deepspeed
+
+    import dist_gc
+
+    out: dict[str, Any] = {}
+    base = {"id": "block", "stage": 2}
+
+    def engine_with(block: Any, key: str = "gradient_centralization") -> Any:
+        cfg = ds_config(base, world, None)
+        if block is not None:
+            cfg[key] = block
+        model = make_case_model(base)
+        return deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), config=cfg)[0]
+
+    engine = engine_with({"enabled": False, "mode": "tensor"})
+    handle = dist_gc.attach(engine)
+    out["disabled"] = (handle.enabled, engine.optimizer.optimizer._optimizer_step_pre_hooks == {})
+    engine.destroy()
+    engine = engine_with({"mode": "tensor", "min_ndim": "auto"})  # no "enabled": a present block means on
+    out["disagree"] = _expect_error(lambda: dist_gc.attach(engine, config={"mode": "channel"}))
+    handle = dist_gc.attach(engine, config={"mode": "tensor"})  # agreeing: fine
+    out["from_block"] = (handle.enabled, handle.config.mode, handle.config.min_ndim, handle.source)
+    train_step(engine, base, rank, world)
+    got = {n: p.detach().double() for n, p in master_weights(engine).items()}
+    out["from_block_err"] = max(errors(got, oracle(base, "tensor")).values())
+    handle.remove()
+    engine.destroy()
+    engine = engine_with({})  # {} is on, with the defaults
+    handle = dist_gc.attach(engine)
+    out["empty_block"] = (handle.enabled, handle.config.mode)
+    handle.remove()
+    engine.destroy()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine = engine_with({"mode": "tensor"}, key="gradient_centralisation")  # British spelling: not read
+        handle = dist_gc.attach(engine)
+    out["near_miss"] = (handle.config.mode, [str(w.message) for w in caught if "gradient_centralisation" in str(w.message)])
+    handle.remove()
+    engine.destroy()
+    return out

@@ -60,7 +60,7 @@ def near_miss_keys(config: Mapping[str, Any]) -> list[str]:
 
 def _warn_near_misses(config: Mapping[str, Any], where: str) -> None:
     for key in near_miss_keys(config):
-        consequence = ("GC stays off" if DEEPSPEED_CONFIG_KEY not in config
+        consequence = ("its settings are not used" if DEEPSPEED_CONFIG_KEY not in config
                        else f"it is ignored; the {DEEPSPEED_CONFIG_KEY!r} block is used")
         warnings.warn(f"{where}: top-level key {key!r} is not read by dist_gc; did you mean {DEEPSPEED_CONFIG_KEY!r}? "
                       f"({consequence})", UserWarning, stacklevel=3)

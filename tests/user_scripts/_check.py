@@ -5,12 +5,15 @@ step (so the parameter change is minus the gradient) with and without channel GC
 (``G - G.mean(dims except 0)`` for tensors with >= 2 dims). Each script calls
 :func:`report` with its updated, full parameters; the line it prints,
 ``USER-SCRIPT-CHECK script=... rank=... gc_err=... raw_err=...``, is what the tests
-read: ``gc_err`` is max |update - oracle with GC|, ``raw_err`` the same without GC.
+read: ``gc_err`` is max |update - oracle with GC|, ``raw_err`` the same without GC,
+``dist_gc_loaded`` whether any ``dist_gc`` module is in ``sys.modules``.
 The oracle is computed with plain tensor arithmetic (no optimizer), so the wrapper's
 global step hook never sees it.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 from torch import nn
@@ -54,4 +57,6 @@ def report(script: str, rank: int, named_params) -> None:
     assert set(params) == set(with_gc), (sorted(params), sorted(with_gc))
     gc_err = max(float((params[n] - with_gc[n]).abs().max()) for n in with_gc)
     raw_err = max(float((params[n] - without[n]).abs().max()) for n in without)
-    print(f"USER-SCRIPT-CHECK script={script} rank={rank} gc_err={gc_err:.3e} raw_err={raw_err:.3e}", flush=True)
+    loaded = any(name == "dist_gc" or name.startswith("dist_gc.") for name in sys.modules)
+    print(f"USER-SCRIPT-CHECK script={script} rank={rank} gc_err={gc_err:.3e} raw_err={raw_err:.3e} "
+          f"dist_gc_loaded={loaded}", flush=True)
