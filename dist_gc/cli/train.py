@@ -43,7 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     arm.add_argument("--gc", choices=("on", "off"), default="on", help="single run with GC on or off")
     p.add_argument("--gc-config", default=None, metavar="PATH",
                    help="GC settings file (JSON/YAML, e.g. dist_gc/configs/gc/channel.yaml); default: channel mode with "
-                        "full stats. Not allowed under DeepSpeed (the DeepSpeed JSON's block is used)")
+                        "full stats. Under DeepSpeed the JSON's gradient_centralization block is used (giving both is an "
+                        "error); a DeepSpeed config written in the accelerate YAML alone takes this file")
     p.add_argument("--steps", type=_positive, default=None, help="optimizer steps per arm (task default if unset)")
     p.add_argument("--batch-size", type=_positive, default=None, help="micro-batch per process (task default if unset)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (task default if unset)")
