@@ -308,8 +308,11 @@ def handle_for(optimizer: Any) -> GCHandle | None:
     return None
 
 
-def _describe_config(config: GCConfig) -> str:
-    return str({k: v for k, v in config.to_dict().items() if v != GCConfig().to_dict()[k]} or "defaults")
+def _disagreement(first: GCConfig, second: GCConfig) -> tuple[str, str]:
+    """The fields on which two configs differ, as two dicts (``"{'mode': 'channel'}"``)."""
+    a, b = first.to_dict(), second.to_dict()
+    keys = [k for k in a if a[k] != b[k]]
+    return str({k: a[k] for k in keys}), str({k: b[k] for k in keys})
 
 
 def attach(target: Any, *, model: Any = None, config: GCConfig | dict | None = None) -> GCHandle:
@@ -359,8 +362,9 @@ def _attach(target: Any, *, model: Any, config: GCConfig | None, origin: str, so
     if found is not None and found[0] is not None:
         block, where = found
         if config is not None and config != block:
+            mine, theirs = _disagreement(config, block)
             raise ValueError(
-                f"dist_gc.attach: {source} {_describe_config(config)} disagrees with {where}: {_describe_config(block)}; "
+                f"dist_gc.attach: {source} gives {mine}, but {where} gives {theirs}; "
                 "give the settings in one place (the block, or config= with no block)"
             )
         config, source = block, where
@@ -378,10 +382,10 @@ def _attach(target: Any, *, model: Any, config: GCConfig | None, origin: str, so
         if existing.origin == "auto":
             if existing.config == config:
                 return existing
+            theirs, mine = _disagreement(existing.config, config)
             raise ValueError(
                 f"dist_gc.attach: the launcher wrapper (dist-gc-run) already attached GC to this optimizer with "
-                f"{_describe_config(existing.config)} from {existing.source}; this call's {source} gives "
-                f"{_describe_config(config)}. Give the settings in one place"
+                f"{theirs} from {existing.source}; this call's {source} gives {mine}. Give the settings in one place"
             )
         raise ValueError(
             f"dist_gc.attach: GC is already attached to this optimizer ({existing!r}); call .remove() on that handle "

@@ -590,4 +590,27 @@ def run_engine_block_checks(rank: int, world: int) -> dict[str, Any]:
     out["near_miss"] = (handle.config.mode, [str(w.message) for w in caught if "gradient_centralisation" in str(w.message)])
     handle.remove()
     engine.destroy()
+
+    # The wrapper's deepspeed.initialize patch: no block -> DIST_GC_CONFIG (accelerate's
+    # YAML-only DeepSpeed configs); a block and a disagreeing DIST_GC_CONFIG -> error.
+    from dist_gc import _autopatch
+
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"dist_gc_block_checks_{os.getpid()}.yaml")
+    with open(path, "w") as f:
+        f.write("mode: tensor\n")
+    os.environ["DIST_GC_CONFIG"] = path
+    try:
+        engine = engine_with(None)
+        _autopatch._on_deepspeed_engine(engine)
+        h = engine.dist_gc
+        out["wrapper_env"] = (h.origin, h.config.mode, h.source)
+        out["wrapper_user_again"] = dist_gc.attach(engine, config={"mode": "tensor"}) is h  # one attach per optimizer
+        h.remove()
+        engine.destroy()
+        engine = engine_with({"mode": "channel"})
+        out["wrapper_disagree"] = _expect_error(lambda: _autopatch._on_deepspeed_engine(engine))
+        engine.destroy()
+    finally:
+        del os.environ["DIST_GC_CONFIG"]
+        os.unlink(path)
     return out

@@ -321,6 +321,11 @@ def check_engine_block(res: dict, where: str) -> None:
     assert res["empty_block"] == (True, "channel"), f"{where} {{}} means on: {res['empty_block']}"
     mode, warned = res["near_miss"]
     assert mode == "channel" and warned and "did you mean 'gradient_centralization'" in warned[0], f"{where} {res['near_miss']}"
+    origin, mode, source = res["wrapper_env"]
+    assert origin == "auto" and mode == "tensor" and "DIST_GC_CONFIG" in source, f"{where} {res['wrapper_env']}"
+    assert res["wrapper_user_again"], f"{where} a user attach with equal settings must return the wrapper's handle"
+    msg = res["wrapper_disagree"]
+    assert msg.startswith("ValueError") and "disagree" in msg and "'mode': 'channel'" in msg and "'mode': 'tensor'" in msg, msg
 
 
 def test_dist_gc_deepspeed_is_lazy():

@@ -222,3 +222,36 @@ def test_lightning_ddp_and_fsdp2_exact(tmp_path):
         assert logged and "DistGCCallback" in logged.group(1) and "gc/max_abs_mean_before" in logged.group(2), name
     gc_on = [line for line in out.splitlines() if "[dist_gc] GC ON" in line]
     assert len(gc_on) == 3 and "FSDP2" in gc_on[2], gc_on
+
+
+# --------------------------------------------------------------------------- Lightning on GPUs
+_LIGHTNING_GPU_ONLY = {
+    # What Lightning says when asked to run these strategies on CPU (lightning 2.6).
+    "deepspeed": "Lightning runs DeepSpeedStrategy on CUDA only: 'The DeepSpeed strategy is only supported on CUDA GPUs "
+                 "but CPUAccelerator is used.' (lightning/pytorch/strategies/deepspeed.py)",
+    "fsdp": "Lightning runs FSDPStrategy on GPUs only: 'The strategy fsdp requires a GPU accelerator, but received "
+            "accelerator=\"cpu\"' (lightning/pytorch/trainer/connectors/accelerator_connector.py)",
+}
+
+
+@pytest.mark.timeout(TIMEOUT + 60)
+@pytest.mark.parametrize("strategy", ["deepspeed", "fsdp"])
+def test_lightning_gpu_strategies(tmp_path, strategy):
+    """DeepSpeedStrategy (ZeRO-2; settings from --gc-config: Lightning's DeepSpeed config
+    has no block) and FSDPStrategy under the wrapper, one fit with automatic
+    optimization on up to 2 GPUs, against the oracle."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip(_LIGHTNING_GPU_ONLY[strategy])
+    pytest.importorskip("lightning")
+    if strategy == "deepspeed":
+        pytest.importorskip("deepspeed")
+    devices = min(2, torch.cuda.device_count())
+    out = launch([*WRAP, "--gc-config", "gc/channel.yaml", str(SCRIPTS / "lightning_fit.py"), "--output-dir", str(tmp_path),
+                  "--strategy", strategy, "--accelerator", "gpu", "--devices", str(devices)], tmp_path)
+    lines = [m for m in CHECK_RE.findall(out) if m[0] == f"lightning_{strategy}"]
+    assert sorted(int(m[1]) for m in lines) == list(range(devices)), out[-6000:]
+    for _, rank, gc_err, raw_err, loaded in lines:
+        assert float(gc_err) <= TOLERANCE and float(raw_err) > 100 * TOLERANCE, (rank, gc_err, raw_err)
+    assert len([line for line in out.splitlines() if "[dist_gc] GC ON" in line]) == 1, out[-3000:]
