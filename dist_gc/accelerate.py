@@ -2,13 +2,13 @@
 whatever accelerate built — MULTI_CPU/DDP, FSDP1, FSDP2 or DeepSpeed.
 
     accelerator = Accelerator()
-    gc_config = dist_gc.accelerate.read_config(accelerator, "configs/gc/channel.yaml")  # fail fast
+    gc_config = dist_gc.accelerate.read_config(accelerator, "dist_gc/configs/gc/channel.yaml")  # fail fast
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     gc = dist_gc.accelerate.attach(accelerator, optimizer, model, config=gc_config)
     ...
     accelerator.backward(loss); accelerator.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()                  # GC runs inside, after clipping, before the update
-    accelerator.log(gc.stats.as_dict(), step=step)
+    dist_gc.accelerate.log_stats(accelerator, gc, step=step)   # gc/* to every tracker, one call
 
 Where the settings come from:
 
@@ -16,7 +16,8 @@ Where the settings come from:
   ``"gradient_centralization"`` block of the DeepSpeed JSON (``deepspeed_config_file``
   in the accelerate YAML, or the plugin's dict); absent means disabled. accelerate's
   own YAML rejects unknown keys, so the block never goes there. Giving ``config=`` as
-  well is an error (two sources of truth).
+  well is an error (two sources of truth). A DeepSpeed config written in the accelerate
+  YAML alone (no JSON, so no block) takes ``config=``.
 * **Everything else**: ``config`` — a :class:`~dist_gc.GCConfig`, a dict of its
   fields, a path to a JSON/YAML GC file, or ``None`` for ``GCConfig()`` defaults.
 
@@ -37,7 +38,7 @@ from .adapters.accelerated import TESTED_VERSIONS
 from .attach import GCHandle, attach as attach_target
 from .core.config import GCConfig
 
-__all__ = ["attach", "read_config", "uses_deepspeed", "accelerator_kwargs", "TESTED_VERSIONS"]
+__all__ = ["attach", "log_stats", "read_config", "uses_deepspeed", "accelerator_kwargs", "TESTED_VERSIONS"]
 
 
 def accelerator_kwargs() -> dict[str, Any]:
@@ -73,12 +74,19 @@ def read_config(accelerator: Any, config: GCConfig | dict | str | os.PathLike | 
     if uses_deepspeed(accelerator):
         plugin = accelerator.state.deepspeed_plugin
         where = getattr(plugin, "deepspeed_config_file", None) or "accelerate's DeepSpeed config"
-        if config is not None:
+        block = GCConfig.block_of(plugin.deepspeed_config, where=str(where))
+        if block is not None and config is not None:
             raise ValueError(
-                f"dist_gc.accelerate: config={config!r} given, but accelerate runs DeepSpeed: GC settings come from the "
-                f"'gradient_centralization' block of the DeepSpeed config ({where}); put them there and pass no config"
+                f"dist_gc.accelerate: config={config!r} given, but accelerate runs DeepSpeed with a "
+                f"'gradient_centralization' block in its config ({where}): the block is the one source of truth; "
+                "put the settings there and pass no config"
             )
-        return GCConfig.from_deepspeed_config(plugin.deepspeed_config, where=str(where))
+        if block is not None:
+            return block
+        if config is None:  # no block: off, as DeepSpeed treats absent sections
+            return GCConfig(enabled=False)
+        # A DeepSpeed config written in accelerate's YAML (no JSON to hold a block):
+        # the settings come from config= (the wrapper's --gc-config).
     if config is None:
         return GCConfig()
     if isinstance(config, GCConfig):
@@ -103,3 +111,16 @@ def attach(accelerator: Any, optimizer: Any, model: Any = None, *, config: GCCon
             raise ValueError("dist_gc.accelerate.attach: no DeepSpeed engine yet; call it after accelerator.prepare(model, optimizer, ...)")
         model = wrapped.engine
     return attach_target(optimizer, model=model, config=gc_config)
+
+
+def log_stats(accelerator: Any, handle: GCHandle, step: int | None = None) -> dict[str, int | float]:
+    """Send the last step's GC statistics to every tracker of ``accelerator`` in one
+    ``accelerator.log`` call, keys prefixed ``gc/`` (``gc/max_abs_mean_before``, ...),
+    values plain ``int``/``float`` (accelerate's trackers drop other types silently).
+    Call it on every rank after ``optimizer.step()``; accelerate logs on the main
+    process only, and is a no-op without ``log_with=`` / ``init_trackers``. Returns
+    the dict it logged (empty when GC is disabled: nothing is logged)."""
+    values = handle.stats_dict(prefix="gc/")
+    if values:
+        accelerator.log(values, step=step)
+    return values

@@ -9,6 +9,13 @@ When ``step`` is given a closure (LBFGS, SAM, PyTorch Lightning's automatic
 optimization), the closure is wrapped so that GC runs right after each of its backward
 passes, on the gradients the update rule then consumes.
 
+Exactly one handle per optimizer (``_HANDLES``). A handle has an ``origin``: ``"user"``
+(:func:`attach`, and everything built on it) or ``"auto"`` (the launcher wrapper
+``dist-gc-run`` / ``python -m dist_gc.run``, through :func:`attach_auto`). An automatic
+attach that finds a handle returns it (the script's own call wins); a user attach that
+finds an automatic handle returns it when the settings are equal and raises naming both
+otherwise; a second user attach raises.
+
 The pipeline: an adapter describes where each gradient lives
 (:func:`dist_gc.adapters.describe`), the planner selects and plans the targets once
 (:func:`dist_gc.planner.plan`), and one :class:`~dist_gc.engine.engine.GCEngine` per
@@ -31,13 +38,13 @@ from typing import Any, Callable
 import torch
 
 from .adapters import Description, describe
-from .core.config import GCConfig
+from .core.config import DEEPSPEED_CONFIG_KEY, GCConfig
 from .core.select import warn_optimizer_risks
 from .engine.agreement import Agreement, peer_sets
 from .engine.engine import GCEngine, GCStats
 from .planner import Plan, plan
 
-__all__ = ["attach", "GCHandle"]
+__all__ = ["attach", "GCHandle", "attach_auto", "handle_for"]
 
 log = logging.getLogger("dist_gc")
 
@@ -89,8 +96,12 @@ class GCHandle:
     restores plain behaviour exactly."""
 
     def __init__(self, description: Description | None, gc_plan: Plan | None, config: GCConfig, *,
-                 redescribe: Callable[[], Description] | None = None) -> None:
+                 redescribe: Callable[[], Description] | None = None, origin: str = "user", source: str = "config=") -> None:
         self.config = config
+        self.origin = origin
+        """``"user"`` (:func:`attach`) or ``"auto"`` (the launcher wrapper)."""
+        self.source = source
+        """Where the settings came from, e.g. ``"the 'gradient_centralization' block of the DeepSpeed config"``."""
         self.description = description
         self.plan = gc_plan
         self.engines: tuple[GCEngine, ...] = ()
@@ -291,6 +302,15 @@ class GCHandle:
                 fn()
             self.description.on_remove.clear()
 
+    def stats_dict(self, prefix: str = "gc/") -> dict[str, int | float]:
+        """The last step's scalar statistics as plain ``int``/``float`` values with keys
+        prefixed ``prefix`` — what trackers accept (``accelerator.log``, Lightning's
+        ``log_dict``, the Trainer's logs). Empty when GC is disabled."""
+        if self.description is None:
+            return {}
+        return {f"{prefix}{k}": (v if isinstance(v, int) and not isinstance(v, bool) else float(v))
+                for k, v in self._stats.as_dict().items()}
+
     def __repr__(self) -> str:
         if self.description is None:
             return "GCHandle(disabled)"
@@ -317,6 +337,57 @@ def _summary(handle: GCHandle) -> str:
     return line
 
 
+def _coerce(config: Any) -> GCConfig | None:
+    if config is None or isinstance(config, GCConfig):
+        return config
+    if isinstance(config, dict):
+        return GCConfig.from_dict(config)
+    raise ValueError(f"config={config!r} (allowed: a dist_gc.GCConfig, a dict of its fields, or None)")
+
+
+def engine_block(target: Any) -> tuple[GCConfig | None, str] | None:
+    """For a ``DeepSpeedEngine``: the settings of the ``"gradient_centralization"`` block
+    of the config the engine was built from (``None`` when it has none) and a
+    description of that source; ``None`` for any other target. The engine keeps the
+    resolved dict it was built from, unknown top-level keys and accelerate's / the
+    Trainer's filled-in ``"auto"`` values included (``engine._config._param_dict``)."""
+    if "deepspeed" not in sys.modules:
+        return None
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    if not isinstance(target, DeepSpeedEngine):
+        return None
+    params = getattr(getattr(target, "_config", None), "_param_dict", None)
+    if not isinstance(params, dict):
+        raise ValueError("dist_gc.attach: this DeepSpeedEngine keeps no config dict (engine._config._param_dict); "
+                         "unknown DeepSpeed internals")
+    where = "the DeepSpeed engine's config"
+    return GCConfig.block_of(params, where=where), f"the {DEEPSPEED_CONFIG_KEY!r} block of {where}"
+
+
+def handle_for(optimizer: Any) -> GCHandle | None:
+    """The enabled handle attached to ``optimizer`` or to an optimizer it wraps
+    (accelerate's ``AcceleratedOptimizer``, DeepSpeed's ZeRO optimizers: ``.optimizer``
+    chains), or ``None``."""
+    seen = 0
+    while optimizer is not None and seen < 4:
+        try:
+            handle = _HANDLES.get(optimizer)
+        except TypeError:  # not weak-referenceable
+            handle = None
+        if handle is not None and handle.enabled:
+            return handle
+        optimizer, seen = getattr(optimizer, "optimizer", None), seen + 1
+    return None
+
+
+def _disagreement(first: GCConfig, second: GCConfig) -> tuple[str, str]:
+    """The fields on which two configs differ, as two dicts (``"{'mode': 'channel'}"``)."""
+    a, b = first.to_dict(), second.to_dict()
+    keys = [k for k in a if a[k] != b[k]]
+    return str({k: a[k] for k in keys}), str({k: b[k] for k in keys})
+
+
 def attach(target: Any, *, model: Any = None, config: GCConfig | dict | None = None) -> GCHandle:
     """Apply gradient centralization before every update ``target`` makes.
 
@@ -326,9 +397,16 @@ def attach(target: Any, *, model: Any = None, config: GCConfig | dict | None = N
     and output dims. ``config``: a :class:`GCConfig` or a dict of its fields
     (default ``GCConfig()``: channel mode, every tensor with >= 2 dims).
 
+    DeepSpeed: ``attach(engine)`` reads the ``"gradient_centralization"`` block of the
+    engine's own config (absent: ``GCConfig()`` defaults; ``"enabled": false``: a
+    disabled handle); a ``config=`` that disagrees with a present block raises
+    ``ValueError`` naming both.
+
     Must be called on every rank (it may run one small collective to check that all
     ranks derived the same layout), once per optimizer: a second ``attach`` raises
-    ``ValueError`` naming the first handle (``handle.remove()`` it first). Invalid
+    ``ValueError`` naming the first handle (``handle.remove()`` it first). Under the
+    launcher wrapper (``dist-gc-run``), which attaches by itself, ``attach`` returns the
+    wrapper's handle when the settings are equal and raises naming both otherwise. Invalid
     configs raise ``ValueError`` before any collective; so do engine configurations
     dist_gc cannot handle exactly (naming the option and why) and parameters it
     cannot centralize (sparse gradients). Rank 0 logs one line saying what GC does.
@@ -341,17 +419,34 @@ def attach(target: Any, *, model: Any = None, config: GCConfig | dict | None = N
         loss.backward(); opt.step()          # GC runs inside step, before AdamW's update
         print(gc.stats.max_abs_mean_before)
     """
+    return _attach(target, model=model, config=_coerce(config), origin="user", source="config=")
+
+
+def attach_auto(target: Any, *, model: Any = None, config: GCConfig | None = None, source: str) -> GCHandle:
+    """The launcher wrapper's attach (``origin="auto"``): like :func:`attach`, but when
+    the optimizer already has a handle (the script attached itself) that handle is
+    returned unchanged."""
+    return _attach(target, model=model, config=config, origin="auto", source=source)
+
+
+def _attach(target: Any, *, model: Any, config: GCConfig | None, origin: str, source: str) -> GCHandle:
     _setup_logging()
-    if config is None:
-        config = GCConfig()
-    elif isinstance(config, dict):
-        config = GCConfig.from_dict(config)
-    elif not isinstance(config, GCConfig):
-        raise ValueError(f"config={config!r} (allowed: a dist_gc.GCConfig, a dict of its fields, or None)")
+    found = engine_block(target)
+    if found is not None and found[0] is not None:
+        block, where = found
+        if config is not None and config != block:
+            mine, theirs = _disagreement(config, block)
+            raise ValueError(
+                f"dist_gc.attach: {source} gives {mine}, but {where} gives {theirs}; "
+                "give the settings in one place (the block, or config= with no block)"
+            )
+        config, source = block, where
+    elif config is None:
+        config, source = GCConfig(), "GCConfig() defaults"
     if not config.enabled:
         if _is_rank0():
-            log.info("GC OFF (config: enabled=false)")
-        return GCHandle(None, None, config)
+            log.info("GC OFF (config: enabled=false, from %s)", source)
+        return GCHandle(None, None, config, origin=origin, source=source)
     if model is not None and not isinstance(model, torch.nn.Module):
         raise ValueError(
             f"dist_gc.attach: model= is a {type(model).__module__}.{type(model).__qualname__}; expected the (wrapped) "
@@ -360,6 +455,16 @@ def attach(target: Any, *, model: Any = None, config: GCConfig | dict | None = N
     description = describe(target, model)
     existing = _HANDLES.get(description.optimizer)
     if existing is not None and existing.enabled:
+        if origin == "auto":
+            return existing  # the script attached itself: exactly one attach per optimizer
+        if existing.origin == "auto":
+            if existing.config == config:
+                return existing
+            theirs, mine = _disagreement(existing.config, config)
+            raise ValueError(
+                f"dist_gc.attach: the launcher wrapper (dist-gc-run) already attached GC to this optimizer with "
+                f"{theirs} from {existing.source}; this call's {source} gives {mine}. Give the settings in one place"
+            )
         raise ValueError(
             f"dist_gc.attach: GC is already attached to this optimizer ({existing!r}); call .remove() on that handle "
             "first, or keep using it"
@@ -376,7 +481,7 @@ def attach(target: Any, *, model: Any = None, config: GCConfig | dict | None = N
     # Single process / DDP layouts can be re-derived locally when the optimizer's
     # parameters change (a new param group); sharded engines' cannot.
     redescribe = (lambda: describe(target, model)) if description.replannable else None
-    handle = GCHandle(description, gc_plan, config, redescribe=redescribe)
+    handle = GCHandle(description, gc_plan, config, redescribe=redescribe, origin=origin, source=source)
     if _is_rank0():
-        log.info(_summary(handle))
+        log.info(_summary(handle) + f" (settings: {source}{'; attached by dist-gc-run' if origin == 'auto' else ''})")
     return handle

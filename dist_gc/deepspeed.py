@@ -10,6 +10,12 @@ Same arguments and return value as ``deepspeed.initialize``. The block uses the
 
     "gradient_centralization": {"enabled": true, "mode": "channel", "exclude": ["*.bias"]}
 
+An absent block means off; a present block means on unless it says
+``"enabled": false`` (``{}`` is on); a misspelt top-level key
+(``gradient_centralisation``, ``gc``, ...) warns. With no code change at all, launch
+through the wrapper (``deepspeed --module dist_gc.run train.py``): it patches
+``deepspeed.initialize`` to do the same.
+
 DeepSpeed ignores unknown top-level keys, so dist_gc's validation is the only guard:
 the block is validated on every rank BEFORE ``deepspeed.initialize`` (unknown keys and
 bad values raise ``ValueError`` naming them, identically on every rank, before any
@@ -74,17 +80,23 @@ def _read_file(path: str) -> GCConfig:
 def initialize(*args: Any, **kwargs: Any):
     """Drop-in for ``deepspeed.initialize`` (same arguments, same return value) that
     applies gradient centralization when the config's ``"gradient_centralization"``
-    block is enabled. The handle is ``engine.dist_gc`` (``None`` when disabled)."""
+    block is present and not ``"enabled": false``. The handle is ``engine.dist_gc``
+    (``None`` when off). GC runs on the fp32 master partition after DeepSpeed's
+    reduction, unscaling and ``gradient_clipping``, right before the update."""
     import deepspeed
 
-    bound = inspect.signature(deepspeed.initialize).bind(*args, **kwargs)
+    # Under the launcher wrapper deepspeed.initialize is patched to attach by itself;
+    # call the original so that this function is the only attach.
+    ds_initialize = inspect.unwrap(deepspeed.initialize)
+    bound = inspect.signature(ds_initialize).bind(*args, **kwargs)
     given = bound.arguments
     config = given.get("config")
     if config is None:
         config = given.get("config_params")
     gc_config = read_config(config, given.get("args"))  # raises ValueError on every rank
-    result = deepspeed.initialize(*args, **kwargs)
+    result = ds_initialize(*args, **kwargs)
     engine = result[0]
-    handle: GCHandle | None = attach(engine, config=gc_config) if gc_config.enabled else None
+    # attach(engine) reads the block again, from the dict the engine was built from.
+    handle: GCHandle | None = attach(engine) if gc_config.enabled else None
     setattr(engine, HANDLE_ATTRIBUTE, handle)
     return result

@@ -3,19 +3,19 @@
 #
 # Usage (from anywhere; the script runs from the repository root):
 #   launchers/accelerate.sh                                  # 2 CPU processes, GC on/off A/B + verify
-#   CONFIG=configs/accelerate/deepspeed_zero3.yaml NUM_PROCESSES=8 launchers/accelerate.sh --task gpt2 --ab
-#   CONFIG=configs/accelerate/fsdp2.yaml NUM_PROCESSES=8 launchers/accelerate.sh --task llama --gc on
+#   CONFIG=dist_gc/configs/accelerate/deepspeed_zero3.yaml NUM_PROCESSES=8 launchers/accelerate.sh --task gpt2 --ab
+#   CONFIG=dist_gc/configs/accelerate/fsdp2.yaml NUM_PROCESSES=8 launchers/accelerate.sh --task llama --gc on
 # Arguments after the script name go to dist_gc.cli.train (default: --ab --verify).
 # Knobs (environment variables):
 #   PYTHON            python with dist_gc, accelerate (and deepspeed) installed   [python3]
-#   CONFIG            accelerate config file                                        [configs/accelerate/multi_cpu.yaml]
+#   CONFIG            accelerate config file                                        [dist_gc/configs/accelerate/multi_cpu.yaml]
 #   NUM_PROCESSES     processes on this node                                        [2]
 #   MAIN_PROCESS_PORT rendezvous port on 127.0.0.1                                  [29500]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 PYTHON=${PYTHON:-python3}
-CONFIG=${CONFIG:-configs/accelerate/multi_cpu.yaml}
+CONFIG=${CONFIG:-dist_gc/configs/accelerate/multi_cpu.yaml}
 NUM_PROCESSES=${NUM_PROCESSES:-2}
 MAIN_PROCESS_PORT=${MAIN_PROCESS_PORT:-29500}
 

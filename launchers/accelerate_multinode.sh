@@ -3,12 +3,12 @@
 #
 #   node 0:  MACHINE_RANK=0 MAIN_PROCESS_IP=10.0.0.1 launchers/accelerate_multinode.sh
 #   node 1:  MACHINE_RANK=1 MAIN_PROCESS_IP=10.0.0.1 launchers/accelerate_multinode.sh
-#   DeepSpeed: CONFIG=configs/accelerate/deepspeed_zero3.yaml (same on every node).
-#   configs/accelerate/multi_node.yaml is a template of the same settings as a config file.
+#   DeepSpeed: CONFIG=dist_gc/configs/accelerate/deepspeed_zero3.yaml (same on every node).
+#   dist_gc/configs/accelerate/multi_node.yaml is a template of the same settings as a config file.
 # Arguments after the script name go to dist_gc.cli.train (default: --ab --verify).
 # Knobs (environment variables):
 #   PYTHON            python with dist_gc, accelerate (and deepspeed) installed    [python3]
-#   CONFIG            accelerate config                                              [configs/accelerate/multi_cpu.yaml]
+#   CONFIG            accelerate config                                              [dist_gc/configs/accelerate/multi_cpu.yaml]
 #   NUM_MACHINES      number of nodes                                                [2]
 #   MACHINE_RANK      this node's rank, 0..NUM_MACHINES-1                            [0]
 #   NPROC_PER_NODE    processes per node (accelerate's --num_processes is the total) [2]
@@ -18,7 +18,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 PYTHON=${PYTHON:-python3}
-CONFIG=${CONFIG:-configs/accelerate/multi_cpu.yaml}
+CONFIG=${CONFIG:-dist_gc/configs/accelerate/multi_cpu.yaml}
 NUM_MACHINES=${NUM_MACHINES:-2}
 MACHINE_RANK=${MACHINE_RANK:-0}
 NPROC_PER_NODE=${NPROC_PER_NODE:-2}

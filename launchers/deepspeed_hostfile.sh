@@ -13,7 +13,7 @@
 # Knobs (environment variables):
 #   DEEPSPEED    the deepspeed launcher executable                           [deepspeed]
 #   HOSTFILE     DeepSpeed hostfile ("host slots=N" lines)                  [launchers/hostfile.example]
-#   DS_CONFIG    DeepSpeed JSON (with the GC block), same path on every node [configs/deepspeed/accelerate_zero3.json]
+#   DS_CONFIG    DeepSpeed JSON (with the GC block), same path on every node [dist_gc/configs/deepspeed/accelerate_zero3.json]
 #   MASTER_ADDR  address of the first host, reachable from every host        [first host of HOSTFILE]
 #   MASTER_PORT  rendezvous port                                              [29500]
 #   LAUNCHER     pdsh, openmpi, mvapich, slurm, ... (deepspeed --launcher)   [pdsh]
@@ -22,7 +22,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 DEEPSPEED=${DEEPSPEED:-deepspeed}
 HOSTFILE=${HOSTFILE:-launchers/hostfile.example}
-DS_CONFIG=${DS_CONFIG:-configs/deepspeed/accelerate_zero3.json}
+DS_CONFIG=${DS_CONFIG:-dist_gc/configs/deepspeed/accelerate_zero3.json}
 MASTER_ADDR=${MASTER_ADDR:-$(awk '!/^#/ && NF {print $1; exit}' "$HOSTFILE")}
 MASTER_PORT=${MASTER_PORT:-29500}
 LAUNCHER=${LAUNCHER:-pdsh}

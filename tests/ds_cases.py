@@ -478,9 +478,9 @@ def run_config_checks(rank: int, world: int, config_dir: str, with_cpu_adam: boo
     res["args_path"] = (engine.dist_gc.config.mode, sorted(engine.dist_gc.stats.skipped))
     engine.destroy()
 
-    # Example configs shipped in configs/deepspeed/: each trains one step with GC on.
+    # Example configs shipped in dist_gc/configs/deepspeed/: each trains one step with GC on.
     res["examples"] = {}
-    repo_configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "deepspeed")
+    repo_configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dist_gc", "configs", "deepspeed")
     for fname in sorted(os.listdir(repo_configs)):
         path = os.path.join(repo_configs, fname)
         with open(path) as f:
@@ -543,5 +543,76 @@ def run_config_checks(rank: int, world: int, config_dir: str, with_cpu_adam: boo
 
     # Unsupported: ZeRO++ hierarchical partitioning (hpZ), self-communicating optimizer.
     res["hpz"] = _expect_error(lambda: init_with({"enabled": True}, {"id": "hpz", "stage": 3, "zero": {"zero_hpz_partition_size": world}}))
+    res["engine_block"] = run_engine_block_checks(rank, world)
     dist.barrier()
     return res
+
+
+def run_engine_block_checks(rank: int, world: int) -> dict[str, Any]:
+    """``dist_gc.attach(engine)`` on engines built by plain ``deepspeed.initialize``:
+    the engine's own block is the source of truth (issue 11)."""
+    import warnings
+
+    import deepspeed
+
+    import dist_gc
+
+    out: dict[str, Any] = {}
+    base = {"id": "block", "stage": 2}
+
+    def engine_with(block: Any, key: str = "gradient_centralization") -> Any:
+        cfg = ds_config(base, world, None)
+        if block is not None:
+            cfg[key] = block
+        model = make_case_model(base)
+        return deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), config=cfg)[0]
+
+    engine = engine_with({"enabled": False, "mode": "tensor"})
+    handle = dist_gc.attach(engine)
+    out["disabled"] = (handle.enabled, engine.optimizer.optimizer._optimizer_step_pre_hooks == {})
+    engine.destroy()
+    engine = engine_with({"mode": "tensor", "min_ndim": "auto"})  # no "enabled": a present block means on
+    out["disagree"] = _expect_error(lambda: dist_gc.attach(engine, config={"mode": "channel"}))
+    handle = dist_gc.attach(engine, config={"mode": "tensor"})  # agreeing: fine
+    out["from_block"] = (handle.enabled, handle.config.mode, handle.config.min_ndim, handle.source)
+    train_step(engine, base, rank, world)
+    got = {n: p.detach().double() for n, p in master_weights(engine).items()}
+    out["from_block_err"] = max(errors(got, oracle(base, "tensor")).values())
+    handle.remove()
+    engine.destroy()
+    engine = engine_with({})  # {} is on, with the defaults
+    handle = dist_gc.attach(engine)
+    out["empty_block"] = (handle.enabled, handle.config.mode)
+    handle.remove()
+    engine.destroy()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine = engine_with({"mode": "tensor"}, key="gradient_centralisation")  # British spelling: not read
+        handle = dist_gc.attach(engine)
+    out["near_miss"] = (handle.config.mode, [str(w.message) for w in caught if "gradient_centralisation" in str(w.message)])
+    handle.remove()
+    engine.destroy()
+
+    # The wrapper's deepspeed.initialize patch: no block -> DIST_GC_CONFIG (accelerate's
+    # YAML-only DeepSpeed configs); a block and a disagreeing DIST_GC_CONFIG -> error.
+    from dist_gc import _autopatch
+
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"dist_gc_block_checks_{os.getpid()}.yaml")
+    with open(path, "w") as f:
+        f.write("mode: tensor\n")
+    os.environ["DIST_GC_CONFIG"] = path
+    try:
+        engine = engine_with(None)
+        _autopatch._on_deepspeed_engine(engine)
+        h = engine.dist_gc
+        out["wrapper_env"] = (h.origin, h.config.mode, h.source)
+        out["wrapper_user_again"] = dist_gc.attach(engine, config={"mode": "tensor"}) is h  # one attach per optimizer
+        h.remove()
+        engine.destroy()
+        engine = engine_with({"mode": "channel"})
+        out["wrapper_disagree"] = _expect_error(lambda: _autopatch._on_deepspeed_engine(engine))
+        engine.destroy()
+    finally:
+        del os.environ["DIST_GC_CONFIG"]
+        os.unlink(path)
+    return out

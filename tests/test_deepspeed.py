@@ -307,6 +307,25 @@ def test_config_flag_entry_points_and_refusals(ops):
         for key in ("corrupt_zero2", "corrupt_zero3"):
             assert res[key].startswith("RuntimeError") and "does not match" in res[key], f"{where} {key}: {res[key]}"
         assert res["hpz"].startswith("ValueError") and "hierarchical partitioning" in res["hpz"], res["hpz"]
+        check_engine_block(res["engine_block"], where)
+
+
+def check_engine_block(res: dict, where: str) -> None:
+    """dist_gc.attach(engine) reads the engine's own "gradient_centralization" block."""
+    assert res["disabled"] == (False, True), f"{where} enabled: false must leave the optimizer untouched: {res['disabled']}"
+    msg = res["disagree"]
+    assert msg.startswith("ValueError") and "'mode': 'channel'" in msg and "'mode': 'tensor'" in msg, f"{where} {msg}"
+    enabled, mode, min_ndim, source = res["from_block"]
+    assert enabled and mode == "tensor" and min_ndim == 2 and "gradient_centralization" in source, f"{where} {res['from_block']}"
+    assert res["from_block_err"] <= FP32_ATOL, f"{where} tensor mode from the engine's block: {res['from_block_err']}"
+    assert res["empty_block"] == (True, "channel"), f"{where} {{}} means on: {res['empty_block']}"
+    mode, warned = res["near_miss"]
+    assert mode == "channel" and warned and "did you mean 'gradient_centralization'" in warned[0], f"{where} {res['near_miss']}"
+    origin, mode, source = res["wrapper_env"]
+    assert origin == "auto" and mode == "tensor" and "DIST_GC_CONFIG" in source, f"{where} {res['wrapper_env']}"
+    assert res["wrapper_user_again"], f"{where} a user attach with equal settings must return the wrapper's handle"
+    msg = res["wrapper_disagree"]
+    assert msg.startswith("ValueError") and "disagree" in msg and "'mode': 'channel'" in msg and "'mode': 'tensor'" in msg, msg
 
 
 def test_dist_gc_deepspeed_is_lazy():

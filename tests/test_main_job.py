@@ -25,22 +25,22 @@ from tests.jobs import ROOT, TOLERANCE, accelerate_cmd, assert_verified, run, ve
 
 pytest.importorskip("accelerate")
 
-MULTI_CPU = ROOT / "configs/accelerate/multi_cpu.yaml"
+MULTI_CPU = ROOT / "dist_gc/configs/accelerate/multi_cpu.yaml"
 TIMEOUT = 600  # seconds per launch; a hang fails the test (>= 4x a quiet run)
 NAIVE_RE = re.compile(r"would be off by ([0-9.eE+-]+)")
 
 
 def deepspeed_config(tmp_path: Path, stage: int, **gc: object) -> Path:
-    """An accelerate YAML pointing at a copy of configs/deepspeed/accelerate_zero<stage>.json
+    """An accelerate YAML pointing at a copy of dist_gc/configs/deepspeed/accelerate_zero<stage>.json
     whose GC block / clipping are updated with ``gc`` (``gradient_clipping`` goes top level)."""
-    ds = json.loads((ROOT / f"configs/deepspeed/accelerate_zero{stage}.json").read_text())
+    ds = json.loads((ROOT / f"dist_gc/configs/deepspeed/accelerate_zero{stage}.json").read_text())
     if "gradient_clipping" in gc:
         ds["gradient_clipping"] = gc.pop("gradient_clipping")
     ds["gradient_centralization"].update(gc)
     ds_path = tmp_path / f"ds_zero{stage}.json"
     ds_path.write_text(json.dumps(ds))
-    yaml_text = (ROOT / f"configs/accelerate/deepspeed_zero{stage}.yaml").read_text()
-    yaml_text = yaml_text.replace(f"configs/deepspeed/accelerate_zero{stage}.json", str(ds_path))
+    yaml_text = (ROOT / f"dist_gc/configs/accelerate/deepspeed_zero{stage}.yaml").read_text()
+    yaml_text = yaml_text.replace(f"dist_gc/configs/deepspeed/accelerate_zero{stage}.json", str(ds_path))
     path = tmp_path / f"deepspeed_zero{stage}.yaml"
     path.write_text(yaml_text)
     return path
@@ -48,7 +48,7 @@ def deepspeed_config(tmp_path: Path, stage: int, **gc: object) -> Path:
 
 @pytest.mark.timeout(1200)
 def test_verify_multi_cpu_tensor_mode_with_clipping(tmp_path):
-    rc, out = run(accelerate_cmd(MULTI_CPU, "--verify-only", "--gc-config", "configs/gc/tensor.yaml",
+    rc, out = run(accelerate_cmd(MULTI_CPU, "--verify-only", "--gc-config", "dist_gc/configs/gc/tensor.yaml",
                                  "--max-grad-norm", "0.05", "--output-dir", str(tmp_path)), TIMEOUT)
     assert_verified(rc, out)
     assert "engine=DistributedType.MULTI_CPU" in out and "processes=2" in out, out[-3000:]
@@ -72,7 +72,7 @@ def test_verify_deepspeed_zero3_gpt2_then_train(tmp_path):
     1 at init). Then 2 training steps with eval (forward passes are collectives here)."""
     pytest.importorskip("deepspeed")
     pytest.importorskip("transformers")
-    rc, out = run(accelerate_cmd(ROOT / "configs/accelerate/deepspeed_zero3.yaml", "--task", "gpt2", "--verify",
+    rc, out = run(accelerate_cmd(ROOT / "dist_gc/configs/accelerate/deepspeed_zero3.yaml", "--task", "gpt2", "--verify",
                                  "--steps", "2", "--eval-every", "2", "--output-dir", str(tmp_path)), TIMEOUT)
     assert_verified(rc, out)
     assert "ZeRO-3" in out and "'mode': 'channel'" in out and "clipping active" in out, out[-3000:]
@@ -87,7 +87,7 @@ def test_negative_control_fails_verify(tmp_path):
     """Naive GC on the tensors DeepSpeed's optimizer holds (ZeRO-2 1-D flat partitions)
     must be caught: nonzero exit and an error far above the tolerance."""
     pytest.importorskip("deepspeed")
-    cmd = accelerate_cmd(ROOT / "configs/accelerate/deepspeed_zero2.yaml", "--verify-only", "--output-dir", str(tmp_path))
+    cmd = accelerate_cmd(ROOT / "dist_gc/configs/accelerate/deepspeed_zero2.yaml", "--verify-only", "--output-dir", str(tmp_path))
     k = cmd.index("dist_gc.cli.train")
     cmd[k - 1 : k + 1] = [str(ROOT / "tests" / "negative_control_job.py")]  # the job, with a wrong GC
     rc, out = run(cmd, TIMEOUT)

@@ -52,8 +52,8 @@ def make_loader(dataset: Any, batch_size: int, seed: int, shuffle: bool = True) 
 def resolve_gc_config(accelerator: Any, path: str | None) -> GCConfig:
     """The GC settings the run uses, validated before any work. Under DeepSpeed they come
     from the DeepSpeed JSON's ``"gradient_centralization"`` block (giving a file too is
-    an error); otherwise from ``path``, or channel mode with full statistics when no
-    file is given. A bad config exits with the adapter's message (key, value, allowed)."""
+    an error; without a block, from ``path``); otherwise from ``path``, or channel mode
+    with full statistics when no file is given. A bad config exits with the adapter's message (key, value, allowed)."""
     if path is None and not is_deepspeed(accelerator):
         return GCConfig(full_stats=True)
     try:

@@ -2,7 +2,7 @@
 
 Run it under ``accelerate launch`` (or ``torchrun``; a single process also works)::
 
-    accelerate launch --config_file configs/accelerate/multi_cpu.yaml --num_processes 2 \\
+    accelerate launch --config_file dist_gc/configs/accelerate/multi_cpu.yaml --num_processes 2 \\
         -m dist_gc.cli.train --ab --verify
 
 One script for CPU and GPU, DDP / DeepSpeed ZeRO / FSDP: the engine comes from the
@@ -42,8 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     arm.add_argument("--ab", action="store_true", help="run GC on and GC off (same seed, same data order)")
     arm.add_argument("--gc", choices=("on", "off"), default="on", help="single run with GC on or off")
     p.add_argument("--gc-config", default=None, metavar="PATH",
-                   help="GC settings file (JSON/YAML, e.g. configs/gc/channel.yaml); default: channel mode with "
-                        "full stats. Not allowed under DeepSpeed (the DeepSpeed JSON's block is used)")
+                   help="GC settings file (JSON/YAML, e.g. dist_gc/configs/gc/channel.yaml); default: channel mode with "
+                        "full stats. Under DeepSpeed the JSON's gradient_centralization block is used (giving both is an "
+                        "error); a DeepSpeed config written in the accelerate YAML alone takes this file")
     p.add_argument("--steps", type=_positive, default=None, help="optimizer steps per arm (task default if unset)")
     p.add_argument("--batch-size", type=_positive, default=None, help="micro-batch per process (task default if unset)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (task default if unset)")
@@ -307,8 +308,24 @@ def describe(accelerator: Any, task: Task, args: argparse.Namespace, gc_config: 
             f"lr={args.lr} gc={gc_config.to_dict() if gc_config is not None else None}")
 
 
+def require_demo_dependencies(args: argparse.Namespace) -> None:
+    """Exit with one line naming the extra when an optional dependency is missing."""
+    from .._extras import MissingExtra, require
+
+    needs = [("accelerate", "accelerate", None), ("tensorboard", "demo", None), ("tqdm", "demo", None)]
+    needs.append(("sklearn", "demo", "scikit-learn") if args.task == "cnn" else ("transformers", "demo", None))
+    if args.ab:
+        needs.append(("matplotlib", "demo", None))
+    try:
+        for module, extra, package in needs:
+            require(module, extra, f"dist-gc-train --task {args.task}", package)
+    except MissingExtra as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    require_demo_dependencies(args)
     task = build_task(args.task, args.seed)
     fill_task_defaults(args, task)
     run_dir = Path(args.output_dir) / args.task
