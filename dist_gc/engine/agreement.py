@@ -23,7 +23,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch.distributed as dist
 
-__all__ = ["Agreement", "peer_ranks", "sync_timeout"]
+__all__ = ["Agreement", "Agreements", "group_ranks", "peer_ranks", "sync_timeout"]
 
 #: Seconds a rank waits for its peers to reach the same point (``DIST_GC_SYNC_TIMEOUT``).
 DEFAULT_SYNC_TIMEOUT = 300.0
@@ -48,6 +48,13 @@ def peer_ranks(groups: Iterable[Any]) -> tuple[int, ...]:
     return tuple(sorted(ranks))
 
 
+def group_ranks(group: Any) -> tuple[int, ...]:
+    """Global ranks of ``group`` (``None``: the default group), sorted."""
+    if group is None:
+        return tuple(range(dist.get_world_size()))
+    return tuple(sorted(dist.get_process_group_ranks(group)))
+
+
 def _store() -> Any:
     from torch.distributed import distributed_c10d
 
@@ -55,6 +62,12 @@ def _store() -> Any:
     if get is None:  # pragma: no cover - present in every torch dist_gc supports
         raise RuntimeError("dist_gc: this torch has no default c10d store; cannot check the GC setup across ranks")
     return get()
+
+
+def _disagree(ranks: Sequence[int], what: str, diffs: Sequence[str]) -> str:
+    return (f"dist_gc: ranks {list(ranks)} disagree on the GC setup ({what}): " + "; ".join(diffs)
+            + ". Every rank must attach GC with the same settings to the same model; otherwise replicas drift "
+            "apart or GC's collectives hang")
 
 
 def _group_by_value(values: Mapping[int, str]) -> str:
@@ -102,21 +115,25 @@ class Agreement:
                 "DIST_GC_SYNC_TIMEOUT sets the wait"
             ) from None
 
-    def compare(self, facts: Mapping[str, Any], *, timeout: float | None = None) -> None:
-        """Publish ``facts`` (JSON-able), wait for every peer's, raise ``RuntimeError`` on
-        every rank if any differ, naming each differing fact and the ranks on each side."""
-        timeout = sync_timeout() if timeout is None else timeout
+    def publish(self, facts: Mapping[str, Any]) -> None:
+        """Publish this rank's ``facts`` (JSON-able); never waits."""
         self.store.set(f"{self.prefix}/facts/{self.rank}", json.dumps(facts, sort_keys=True))
+
+    def differences(self, *, timeout: float | None = None) -> list[str]:
+        """Wait for every peer's published facts; what differs between them (empty: all agree)."""
+        timeout = sync_timeout() if timeout is None else timeout
         keys = [f"{self.prefix}/facts/{r}" for r in self.ranks]
         self._wait(keys, "dist_gc.attach", timeout)
         peers = {r: json.loads(self.store.get(k)) for r, k in zip(self.ranks, keys)}
-        diffs = _diff("", peers)
+        return _diff("", peers)
+
+    def compare(self, facts: Mapping[str, Any], *, timeout: float | None = None) -> None:
+        """Publish ``facts`` (JSON-able), wait for every peer's, raise ``RuntimeError`` on
+        every rank if any differ, naming each differing fact and the ranks on each side."""
+        self.publish(facts)
+        diffs = self.differences(timeout=timeout)
         if diffs:
-            raise RuntimeError(
-                f"dist_gc: ranks {list(self.ranks)} disagree on the GC setup ({self.what}): " + "; ".join(diffs)
-                + ". Every rank must attach GC with the same settings to the same model; otherwise replicas drift "
-                "apart or GC's collectives hang"
-            )
+            raise RuntimeError(_disagree(self.ranks, self.what, diffs))
 
     # ------------------------------------------------------------------ remove
     def mark_removed(self, after_step: int) -> None:
@@ -145,3 +162,51 @@ class Agreement:
                 f"while rank {self.rank} still runs it at step {step}: handle.remove() is collective — call it on every "
                 "rank, at the same point"
             )
+
+
+class Agreements:
+    """One :class:`Agreement` per group of ranks that GC's setup couples, used together.
+
+    Why per group and not one channel over the union of this rank's groups: under 2-D
+    parallelism the union is not the same set on every rank (tensor parallel x data
+    parallel at W=4: rank 0 is in {0,1} and {0,2}, rank 1 in {0,1} and {1,3}), so a
+    union-keyed channel would wait for peers that publish elsewhere. And ranks of one
+    group share only part of the setup (MoE: every rank holds the dense parameters, only
+    an expert-data-parallel group holds the same experts; pipeline: each stage its own
+    layers), so each group compares the facts that concern it.
+
+    Every rank publishes the facts of all its groups before it waits for any peer, so
+    no order of groups can deadlock. A disagreement raises on every rank of the groups
+    that disagree; a rank outside them fails at its next collective with them (their
+    processes stop)."""
+
+    def __init__(self, groups: Sequence[Sequence[int]], what: str) -> None:
+        self.channels = [Agreement(g, what) for g in dict.fromkeys(tuple(sorted(g)) for g in groups)]
+        self.what = what
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return tuple(sorted({r for c in self.channels for r in c.ranks}))
+
+    def compare(self, facts: Mapping[tuple[int, ...], Mapping[str, Any]], *, timeout: float | None = None) -> None:
+        """``facts[ranks]``: what the ranks of that group must share. Publish every group's
+        facts, then wait for and compare each group's; raise ``RuntimeError`` naming every
+        group that disagrees."""
+        for c in self.channels:
+            c.publish(facts[c.ranks])
+        problems = []
+        for c in self.channels:
+            diffs = c.differences(timeout=timeout)
+            if diffs:
+                problems.append(_disagree(c.ranks, self.what, diffs))
+        if problems:
+            raise RuntimeError(" | ".join(problems))
+
+    def mark_removed(self, after_step: int) -> None:
+        for c in self.channels:
+            c.mark_removed(after_step)
+
+    def check_removed(self, step: int) -> None:
+        """One store round trip per group per optimizer step (see :meth:`Agreement.check_removed`)."""
+        for c in self.channels:
+            c.check_removed(step)
