@@ -25,6 +25,12 @@ partition metadata, never from its ``_hp_mapping`` fragment map, which is wrong 
   fp16/bf16 wrappers' fp32 master copies (``FP16_UnfusedOptimizer``: whole tensors;
   ``FP16_Optimizer``: one flat fp32 tensor per group, whole on every rank).
 
+DeepSpeed's large-model parallelisms (MoE, pipeline stages, AutoTP, Ulysses sequence
+parallelism, ZeRO++ hpZ) keep these masters as they are; :mod:`.zero_parallel` reads
+what they change — global expert names, tensor-parallel splits (the layout becomes a
+``Split`` whose local piece is the ZeRO partition), statistics groups, replicas and the
+peer groups that must share the setup — and :func:`describe` applies it.
+
 The layout is checked once at attach time against values: the fp32 master partition
 equals the (16-bit) parameters it was copied from, piece by piece. A mismatch raises on
 every rank. Configurations that are not supported raise ``ValueError`` naming them.
