@@ -40,7 +40,7 @@ import torch
 from .adapters import Description, describe
 from .core.config import DEEPSPEED_CONFIG_KEY, GCConfig
 from .core.select import warn_optimizer_risks
-from .engine.agreement import Agreement, peer_sets
+from .engine.agreement import Agreements, group_ranks
 from .engine.engine import GCEngine, GCStats
 from .planner import Plan, plan
 
@@ -108,7 +108,7 @@ class GCHandle:
         self.replans = 0
         """How many times the plan was re-derived because the optimizer's parameters changed."""
         self._redescribe = redescribe
-        self._agreement: Agreement | None = None
+        self._agreement: Agreements | None = None
         self._steps_done = 0
         self._state_hooks: list = []
         self._hook = None
@@ -133,37 +133,55 @@ class GCHandle:
         # What the optimizer holds, by identity: checked at every step (cheap: no data).
         self._planned_ids = None if description.phase_of is not None else _param_ids(description.optimizer)
         # Every rank GC talks to must have the same setup: compared through the store
-        # BEFORE any collective (a per-rank difference would otherwise hang or diverge).
-        # The number and sizes of every later GC collective follow from these facts.
-        groups = [*description.peer_groups]
-        groups += [g for p in gc_plan.plans for g in (*p.shard_groups, *(r.group for r in p.reductions))]
-        rank_sets = peer_sets(dict.fromkeys(groups))
-        self._agreement = Agreement(rank_sets, description.label) if rank_sets else None
+        # BEFORE any collective (a per-rank difference would otherwise hang or diverge),
+        # group by group (see Agreements). The number and sizes of every later GC
+        # collective over a group follow from the facts its ranks compare.
+        groups = self._coupled_groups()
+        self._agreement = Agreements(list(groups), description.label) if groups else None
         if self._agreement is not None:
-            # All-reduce sizes are compared within the group they run on (uneven shards
-            # make them differ between groups, legitimately).
-            per_set: dict[tuple[int, ...], list] = {}
-            for phase, engine in enumerate(self.engines):
-                for b in engine.buckets:
-                    key = peer_sets([b.group])
-                    if key:
-                        per_set.setdefault(key[0], []).append([phase, b.size])
-            self._agreement.compare(self._facts(), per_set)
+            self._agreement.compare({ranks: self._facts(ranks, peer) for ranks, peer in groups.items()})
         if description.check is not None:
             description.check()
 
-    def _facts(self) -> dict:
-        """What every peer must share: settings, targets, geometries, phases, buckets."""
+    def _coupled_groups(self) -> dict[tuple[int, ...], bool]:
+        """``{ranks: shares everything}`` for every group of two or more ranks that GC's
+        setup couples: the adapter's peer groups (True: their ranks hold the same
+        parameters) and every group a plan reduces or sums statistics over (False unless
+        also a peer group: its ranks may hold different parameters — MoE experts,
+        pipeline stages)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return {}
+        out: dict[tuple[int, ...], bool] = {}
+        for g in self.description.peer_groups:
+            out[group_ranks(g)] = True
+        for p in self.plan.plans:
+            for g in (*p.shard_groups, *(r.group for r in p.reductions)):
+                out.setdefault(group_ranks(g), False)
+        return {r: peer for r, peer in out.items() if len(r) > 1}
+
+    def _facts(self, ranks: tuple[int, ...], peer: bool) -> dict:
+        """What the ranks of one group must share: the settings and engine; for a peer
+        group every centralized target, its geometry and the phases; for any other group
+        the targets GC reduces over it; and the sizes of GC's collectives over it."""
+        def over(g: Any) -> bool:
+            return group_ranks(g) == ranks
+
+        names = set(self.plan.centralized) if peer else {p.name for p in self.plan.plans if any(over(r.group) for r in p.reductions)}
         geometry = hashlib.sha1(json.dumps(
-            [[t.name, list(t.shape), t.output_dim, t.batch_dims, t.groups] for t in self.plan.targets.values() if t.geometry is not None]
+            [[t.name, list(t.shape), t.output_dim, t.batch_dims, t.groups] for t in self.plan.targets.values() if t.name in names]
         ).encode()).hexdigest()[:16]
-        return {
+        facts = {
             "settings": self.config.to_dict(),
             "engine": self.description.label,
-            "centralized": sorted(self.plan.centralized),
+            "centralized" if peer else "centralized (reduced over these ranks)": sorted(names),
             "output channels (digest)": geometry,
-            "phases": len(self.engines),
+            "GC all-reduce sizes": [[b.size for b in e.buckets if over(b.group)] for e in self.engines],
         }
+        if peer:
+            facts["phases"] = len(self.engines)
+        if self.config.full_stats:
+            facts["statistics all-reduces"] = [sum(over(g) for slot in e.compiled.stat_groups for g in slot) for e in self.engines]
+        return facts
 
     @property
     def enabled(self) -> bool:

@@ -306,7 +306,9 @@ def test_config_flag_entry_points_and_refusals(ops):
         assert res["swapped_optimizer"].startswith("RuntimeError") and "replaced" in res["swapped_optimizer"], res["swapped_optimizer"]
         for key in ("corrupt_zero2", "corrupt_zero3"):
             assert res[key].startswith("RuntimeError") and "does not match" in res[key], f"{where} {key}: {res[key]}"
-        assert res["hpz"].startswith("ValueError") and "hierarchical partitioning" in res["hpz"], res["hpz"]
+        assert res["qgz"].startswith("ValueError") and "zero_quantized_gradients" in res["qgz"] and "CPU" in res["qgz"], res["qgz"]
+        binding, err = res["hpz"]  # hpZ: refused before issue 12, supported since
+        assert "ZeRO-3" in binding and "hpZ" in binding and err <= FP32_ATOL, f"{where} hpZ: {res['hpz']}"
         check_engine_block(res["engine_block"], where)
 
 

@@ -67,8 +67,12 @@ class Description:
     counts them itself (DeepSpeed's ``global_steps``); else GC counts, and saves the
     count in the optimizer's state dict."""
     peer_groups: tuple = ()
-    """Process groups whose ranks must run the same GC setup beyond those the layouts
-    name (DDP's group, FSDP's replicate groups): checked at attach."""
+    """Process groups whose ranks hold the same parameters and so must run the same GC
+    setup, compared in full at attach (DDP's group, FSDP's replicate groups, a pipeline
+    stage's data-parallel group, MoE's expert-data-parallel groups). Groups the plans
+    reduce or sum statistics over are compared too, on what concerns them (their ranks
+    may hold different parameters: MoE experts, pipeline stages); see
+    :class:`~dist_gc.engine.agreement.Agreements`."""
     replannable: bool = False
     """Whether the layout can be re-derived on this rank alone when the optimizer's
     parameters change (whole tensors: single process, DDP); sharded layouts cannot."""

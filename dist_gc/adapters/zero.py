@@ -25,6 +25,12 @@ partition metadata, never from its ``_hp_mapping`` fragment map, which is wrong 
   fp16/bf16 wrappers' fp32 master copies (``FP16_UnfusedOptimizer``: whole tensors;
   ``FP16_Optimizer``: one flat fp32 tensor per group, whole on every rank).
 
+DeepSpeed's large-model parallelisms (MoE, pipeline stages, AutoTP, Ulysses sequence
+parallelism, ZeRO++ hpZ) keep these masters as they are; :mod:`.zero_parallel` reads
+what they change — global expert names, tensor-parallel splits (the layout becomes a
+``Split`` whose local piece is the ZeRO partition), statistics groups, replicas and the
+peer groups that must share the setup — and :func:`describe` applies it.
+
 The layout is checked once at attach time against values: the fp32 master partition
 equals the (16-bit) parameters it was copied from, piece by piece. A mismatch raises on
 every rank. Configurations that are not supported raise ``ValueError`` naming them.
@@ -32,6 +38,7 @@ every rank. Configurations that are not supported raise ``ValueError`` naming th
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -41,18 +48,15 @@ import torch.distributed as dist
 
 from ..core.select import resolve_roles
 from ..engine.collectives import raise_on_every_rank
-from ..engine.layout import FlatShard, TensorLayout, Whole
+from ..engine.layout import FlatShard, Split, TensorLayout, Whole, split_local_shape
 from . import Description
-from ._common import equal_partition_ranges, param_names, require_attrs, warn_if_untested
+from ._common import equal_partition_ranges, named_optimizer_params, param_names, require_attrs, warn_if_untested
+from .zero_parallel import Topology, apply_topology, topology
 
 __all__ = ["describe", "TESTED_VERSIONS"]
 
 #: DeepSpeed ``major.minor`` versions whose internals this adapter was tested against.
 TESTED_VERSIONS = ("0.19",)
-
-# Optimizers that communicate inside their own ``step`` (1-bit compression): their
-# step pre-hook runs before the gradient reduction, where GC would not be exact.
-_SELF_COMMUNICATING = ("OnebitAdam", "OnebitLamb", "ZeroOneAdam")
 
 
 # --------------------------------------------------------------------------- checks
@@ -69,43 +73,36 @@ def _check_version() -> None:
 
 
 def _refuse(engine: Any, stage: int) -> None:
-    """Configurations whose gradients do not sit where this adapter expects them."""
-    from deepspeed.runtime.pipe.engine import PipelineEngine
-
-    zc = engine._config.zero_config
+    """Configurations whose gradients do not sit where this adapter expects them, or that
+    dist_gc could not verify here (model-parallel ones: :func:`zero_parallel.topology`)."""
     problems = []
-    if isinstance(engine, PipelineEngine):
-        problems.append("pipeline parallelism (PipelineEngine)")
-    if getattr(zc, "mics_shard_size", -1) and getattr(zc, "mics_shard_size", -1) > 0:
-        problems.append(f"MiCS (mics_shard_size={zc.mics_shard_size})")
-    if engine.zero_hpz_partition_size() > 1:
-        problems.append(f"ZeRO++ hierarchical partitioning (zero_hpz_partition_size={engine.zero_hpz_partition_size()})")
-    if engine.zero_quantized_weights() or engine.zero_quantized_gradients():
-        problems.append("ZeRO++ quantized weights/gradients (zero_quantized_weights / zero_quantized_gradients)")
-    if engine.has_moe_layers:
-        problems.append("mixture-of-experts layers (expert-parallel partition groups)")
-    if engine.mpu is not None:
-        problems.append("model/tensor parallelism (mpu or autotp): tensors are also split across model-parallel ranks")
-    from deepspeed.utils import groups
-
-    if groups._get_sequence_parallel_world_size() > 1:
-        problems.append("sequence parallelism")
+    if engine.zero_quantized_weights() or engine.zero_quantized_gradients() or getattr(engine, "zero_quantized_nontrainable_weights", lambda: False)():
+        # qwZ quantizes only the all-gathered weights and qgZ replaces ZeRO-3's gradient
+        # reduce-scatter by a quantized all-to-all whose output is the same partition
+        # (runtime/comm/coalesced_collectives.py:34-52, runtime/zero/stage3.py:1928): the
+        # fp32 layout would be ZeRO-3's. But DeepSpeed's quantizer has no CPU kernel ("This
+        # op had not been implemented on CPU backend", ops/op_builder/cpu/no_impl.py:21), so
+        # no test here can run it, and the attach-time value check compares gathered
+        # (quantized) weights with the fp32 masters, which quantization breaks.
+        problems.append("ZeRO++ quantized weights/gradients (zero_quantized_weights / zero_quantized_gradients / "
+                        "zero_quantized_nontrainable_weights): DeepSpeed's quantizer has no CPU kernel, so dist_gc could "
+                        "not verify GC with it, and its layout check cannot compare quantized gathered weights")
     opt = engine.optimizer
     if getattr(opt, "zenflow", False):
-        problems.append("ZenFlow")
+        problems.append("ZenFlow (it updates important columns in the step and the rest asynchronously later)")
     if getattr(opt, "use_muon", False) or getattr(opt, "_uses_muon", False):
         problems.append("the Muon optimizer (its update is not a gradient)")
     if getattr(opt, "swap_optimizer", False) or getattr(opt, "params_in_nvme_and_cpu", False):
-        problems.append("NVMe offload")
+        problems.append("NVMe offload (offload_optimizer/offload_param device nvme): it needs DeepSpeed's async_io op, "
+                        "whose cold JIT build takes ~20 min on this project's 2-core CI (its whole suite has 20 min), so "
+                        "dist_gc cannot test it there; swapped-out sub-groups also empty the fp32 buffers dist_gc's "
+                        "layout check reads")
     if getattr(opt, "fused_adam_legacy", False) or getattr(opt, "fused_lamb_legacy", False):
         problems.append("legacy fused Adam/LAMB fp16 step (gradients are passed to step as arguments)")
     if stage == 3 and getattr(opt, "offload_optimizer", False):
         devices = set(getattr(opt, "subgroup_to_device", {}).values())
         if devices - {"cpu"}:
             problems.append("partial optimizer offload (offload_optimizer.ratio < 1 steps a second optimizer)")
-    inner = _inner_optimizer(engine, stage)
-    if type(inner).__name__ in _SELF_COMMUNICATING:
-        problems.append(f"{type(inner).__name__} (it reduces gradients inside its own step)")
     if problems:
         raise ValueError(
             f"dist_gc: gradient centralization does not support this DeepSpeed configuration: {'; '.join(problems)}"
@@ -292,16 +289,21 @@ def _unfused_fp16_masters(opt: Any, names: dict[int, str]) -> _Masters:
 
 # --------------------------------------------------------------------------- value checks
 def _held(layout: TensorLayout) -> tuple[int, int, int]:
-    """``(start, end, offset)``: the elements of the tensor's flattening this rank holds
-    and where they start in their master tensor."""
+    """``(start, end, offset)``: the elements of the flattening of the tensor this rank
+    steps (an AutoTP ``Split``: of its local piece) and where they start in their master."""
     where = layout.where
+    shape = layout.shape
+    if isinstance(where, Split):
+        shape, where = split_local_shape(shape, where), where.inner
     if isinstance(where, FlatShard):
         start, end = where.ranges[where.rank]
         return start, end, where.offset
-    numel = 1
-    for s in layout.shape:
-        numel *= s
-    return 0, numel, where.offset or 0
+    return 0, math.prod(shape), where.offset or 0
+
+
+def _source(layout: TensorLayout) -> int:
+    where = layout.where
+    return where.inner.source if isinstance(where, Split) else where.source
 
 
 def _check_values(layouts: list[TensorLayout], masters: list[torch.Tensor], params: dict[str, Any]) -> list[str]:
@@ -313,10 +315,10 @@ def _check_values(layouts: list[TensorLayout], masters: list[torch.Tensor], para
         start, end, offset = _held(layout)
         if end <= start:
             continue
-        master = masters[layout.where.source].view(-1)[offset : offset + end - start]
+        master = masters[_source(layout)].view(-1)[offset : offset + end - start]
         value = params[layout.name].data.reshape(-1)[start:end]
         if not torch.equal(master.to(value.dtype).cpu(), value.detach().cpu()):
-            errors.append(f"{layout.name} elements [{start}, {end}) at offset {offset} of master buffer {layout.where.source}")
+            errors.append(f"{layout.name} elements [{start}, {end}) at offset {offset} of master buffer {_source(layout)}")
     return errors
 
 
@@ -339,7 +341,7 @@ def _check_zero3_storage(opt: Any, m: _Masters) -> list[str]:
     errors = []
     flats = getattr(opt, "fp16_partitioned_groups_flat", None) or []
     for layout in m.layouts:
-        sg, offset = layout.where.source, layout.where.offset
+        sg, (_, _, offset) = _source(layout), _held(layout)
         flat = flats[sg] if sg < len(flats) else None
         p = m.params[layout.name]
         if flat is None or p.ds_tensor is None or p.ds_tensor.numel() == 0:
@@ -359,7 +361,7 @@ def _value_check(stage: int, wrapper: Any, m: _Masters) -> Callable[[], None]:
             # Gather one sub-group at a time (collective, same order on every rank).
             for sg, params in enumerate(wrapper.fp16_groups):
                 with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                    errors += _check_values([l for l in m.layouts if l.where.source == sg], m.masters, m.params)
+                    errors += _check_values([l for l in m.layouts if _source(l) == sg], m.masters, m.params)
         else:
             # ZeRO-1/2, BF16_Optimizer, FP16_Optimizer and FP16_UnfusedOptimizer keep
             # every 16-bit param whole on every rank (a view into their flat buffer).
@@ -407,7 +409,7 @@ def _guard(engine: Any, stage: int, wrapper: Any, inner: Any) -> Callable[[], No
     return handle.remove
 
 
-def _label(engine: Any, stage: int, wrapper: Any, inner: Any) -> str:
+def _label(engine: Any, stage: int, wrapper: Any, inner: Any, topo: Topology) -> str:
     precision = "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"
     offload = bool(engine.zero_cpu_offload()) if stage > 0 else False
     offload_param = stage == 3 and str(getattr(engine.zero_offload_param(), "device", "none")).endswith("cpu")
@@ -415,6 +417,8 @@ def _label(engine: Any, stage: int, wrapper: Any, inner: Any) -> str:
         f"DeepSpeed ZeRO-{stage} ({precision}, {type(wrapper).__name__}, {type(inner).__name__}"
         + (", offload_optimizer=cpu" if offload else "")
         + (", offload_param=cpu" if offload_param else "")
+        + (f", ZeRO++ hpZ zero_hpz_partition_size={engine.zero_hpz_partition_size()}" if engine.zero_hpz_partition_size() > 1 else "")
+        + "".join(f", {f}" for f in topo.features)
         + ")"
     )
 
@@ -431,12 +435,16 @@ def describe(target: Any, model: Any) -> Description | None:
     _check_version()
     stage = int(engine.zero_optimization_stage())
     _refuse(engine, stage)
+    topo = topology(engine)  # MoE, pipeline, AutoTP, sequence parallelism (or a refusal)
     wrapper = engine.optimizer
     inner = _inner_optimizer(engine, stage)
     if not isinstance(inner, torch.optim.Optimizer):
         raise ValueError(f"dist_gc: DeepSpeed steps a {type(inner).__name__}, not a torch.optim.Optimizer; cannot hook it")
-    label = _label(engine, stage, wrapper, inner)
+    label = _label(engine, stage, wrapper, inner, topo)
     on_remove = [_guard(engine, stage, wrapper, inner)]
+    names = {**param_names(engine.module), **topo.names}
+    roles = _roles(engine, names, topo)
+    peers = _dp_groups(engine) if topo.peer_groups is None else topo.peer_groups
 
     kind = _kind_of(wrapper)
     if kind is None:
@@ -444,29 +452,53 @@ def describe(target: Any, model: Any) -> Description | None:
             raise ValueError(f"dist_gc: unsupported DeepSpeed configuration: ZeRO stage {stage} with {type(wrapper).__name__}")
         # Stage 0 without a precision wrapper: the plain optimizer on whole tensors,
         # gradients already all-reduced — the plain adapter's layout is exact.
-        from .plain import describe as describe_plain
+        from .plain import _refuse_sharded, describe_params
 
-        found = describe_plain(inner, engine.module)
-        found.label, found.on_remove = label, found.on_remove + on_remove
-        found.peer_groups = _dp_groups(engine)
-        found.step_count = lambda: int(engine.global_steps)
-        return found
+        named = named_optimizer_params(inner, names)
+        for name, p in named:
+            _refuse_sharded(name, p)
+        layouts, sources = describe_params(named)
+        return Description(
+            optimizer=inner,
+            layouts=apply_topology(layouts, dict(named), topo),
+            sources=sources,
+            label=label,
+            roles=roles,
+            on_remove=on_remove,
+            peer_groups=peers,
+            step_count=lambda: int(engine.global_steps),
+        )
 
-    m = kind(wrapper, param_names(engine.module))
+    m = kind(wrapper, names)
     phased = m.phased and len(m.masters) > 0
     return Description(
         optimizer=inner,
-        layouts=m.layouts,
+        layouts=apply_topology(m.layouts, m.params, topo),
         sources=[lambda t=t: t.grad for t in m.masters],
         label=label,
-        roles=resolve_roles(engine.module),
+        roles=roles,
         phases=len(m.masters) if phased else 1,
         phase_of=_phase_finder({id(t): i for i, t in enumerate(m.masters)}, f"ZeRO-{stage}") if phased else None,
         check=_value_check(stage, wrapper, m),
         on_remove=on_remove,
-        peer_groups=_dp_groups(engine),
+        peer_groups=peers,
         step_count=lambda: int(engine.global_steps),
     )
+
+
+def _roles(engine: Any, names: dict[int, str], topo: Topology) -> dict:
+    """What each parameter is to its module, under the names GC plans with (MoE experts
+    renamed to their global index; AutoTP layers, which the generic rules do not know)."""
+    from ..core.select import clean_name
+
+    local = resolve_roles(engine.module)
+    out = {}
+    for name, p in engine.module.named_parameters(remove_duplicate=False):
+        key = clean_name(name)
+        role = topo.roles.get(id(p), local.get(key))
+        if role is not None:
+            out.setdefault(names.get(id(p), key), role)
+    return out
 
 
 def _dp_groups(engine: Any) -> tuple:

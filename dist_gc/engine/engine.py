@@ -111,6 +111,7 @@ class _Item:
     as it is summed, so it is centralized right away while still in cache (whole
     tensors, and whole rows inside a shard)."""
     stat_slot: int
+    """Index into ``CompiledPlans.stat_groups``; -1: not counted in statistics (a replica)."""
     numel: int
 
 
@@ -170,7 +171,7 @@ def compile_plans(plans: Sequence[TensorPlan]) -> CompiledPlans:
     total = 0
     for plan in plans:
         offsets.append(total)
-        counts += [float(plan.geometry.count)] * plan.num_sums
+        counts += [float(plan.elements_per_mean)] * plan.num_sums
         for red in plan.reductions:
             bucket_slices.setdefault(red.group, []).append((total + red.sum_start, total + red.sum_stop))
         total += plan.num_sums
@@ -178,7 +179,8 @@ def compile_plans(plans: Sequence[TensorPlan]) -> CompiledPlans:
     stat_groups = tuple(dict.fromkeys([(), *(p.shard_groups for p in plans)]))
     items = []
     for plan, base in zip(plans, offsets):
-        slot = stat_groups.index(plan.shard_groups)
+        # A replica (TensorPlan.counted False) is left out of model-wide statistics.
+        slot = stat_groups.index(plan.shard_groups) if plan.counted else -1
         spans = [(r.sum_start, r.sum_stop) for r in plan.regions]
         g = plan.geometry
         for r in plan.regions:
@@ -363,7 +365,7 @@ class GCEngine:
                 torch.sum(x, it.dims, keepdim=True, dtype=view.dtype, out=view)
             else:
                 add_sums_(x, view, limit, scratch)
-            if sq is not None:
+            if sq is not None and it.stat_slot >= 0:
                 sq[it.stat_slot] += float(torch.linalg.vector_norm(x, dtype=torch.float32)) ** 2
             if fuse and it.final:
                 view.div_(self.compiled.counts[it.sum_start])

@@ -9,7 +9,11 @@ An engine adapter describes every parameter the optimizer updates as a
   flattening, the other ranks of ``group`` hold the other ranges (ZeRO-1/2/3, FSDP1);
 * :class:`Block` — an N-D block of the tensor (a DTensor's local shard); each
   :class:`ShardAxis` names the process group of a mesh axis and the tensor dim it cuts
-  (FSDP2, HSDP, tensor parallelism).
+  (FSDP2, HSDP, tensor parallelism);
+* :class:`Split` — the tensor is cut along one dim into contiguous pieces over a group
+  (DeepSpeed AutoTP's tensor-parallel shards, possibly uneven), and this rank's piece is
+  itself held as a :class:`Whole` or :class:`FlatShard` describes (a ZeRO partition of
+  the local TP shard): a flat data-parallel partition composed with a TP block.
 
 From a layout and the tensor's :class:`~dist_gc.core.centralize.Geometry`,
 :func:`plan_tensor` builds a :class:`TensorPlan`:
@@ -28,7 +32,7 @@ the collective. Nothing here imports an engine or communicates.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Sequence, Union
 
 from ..core.centralize import Geometry
@@ -41,6 +45,7 @@ __all__ = [
     "FlatShard",
     "ShardAxis",
     "Block",
+    "Split",
     "Placement",
     "TensorLayout",
     "Region",
@@ -50,6 +55,8 @@ __all__ = [
     "plan_whole",
     "plan_flat_shard",
     "plan_block",
+    "plan_split",
+    "split_local_shape",
     "flat_regions",
     "split_channels",
     "local_numel",
@@ -110,7 +117,35 @@ class Block:
     shard_axes: tuple[ShardAxis, ...]
 
 
-Placement = Union[Whole, FlatShard, Block]
+@dataclass(frozen=True, slots=True)
+class Split:
+    """The tensor is cut along ``dim`` into contiguous pieces of ``sizes`` elements (one
+    per rank of ``group``, in group-rank order; uneven allowed, as ``torch.split``), and
+    this rank holds piece ``index`` — global indices ``[sum(sizes[:index]), ... +
+    sizes[index])`` of ``dim`` — as a tensor of its own, the *local piece*, whose
+    gradient lives as ``inner`` says (``inner``'s ranges and offsets are in the local
+    piece's flattening).
+
+    DeepSpeed AutoTP: ``group`` is the tensor-parallel group; a column-parallel
+    ``LinearLayer`` weight ``(out, in)`` is split on dim 0 (whole output channels per
+    rank), a row-parallel ``LinearAllreduce`` weight on dim 1 (every output channel cut
+    across the group); ZeRO-1/2/3 then partition the local pieces over the data-parallel
+    group (``inner`` a :class:`FlatShard`), ZeRO-0 keeps them whole (:class:`Whole`).
+
+    Planning (see :func:`plan_split`): a split along a kept dim (the output dim in
+    channel mode, a batch dim) gives each rank whole channels — no communication over
+    ``group``; a split along an averaged dim makes every mean span the group: the local
+    channel sums are completed over ``inner``'s group and then over ``group``."""
+
+    group: Any
+    dim: int
+    sizes: tuple[int, ...]
+    index: int
+    """This rank's index in ``group``."""
+    inner: Union[Whole, FlatShard]
+
+
+Placement = Union[Whole, FlatShard, Block, Split]
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,11 +161,30 @@ class TensorLayout:
     """Which ``step`` call of the optimizer updates it, when the engine steps the
     optimizer once per part of the parameters (DeepSpeed: one param group / sub-group
     per call); 0 otherwise."""
+    stat_groups: tuple = ()
+    """Further groups whose ranks hold OTHER tensors than this rank (beyond the
+    placement's own partition group), over which model-wide statistics are summed:
+    MoE experts over the expert-parallel group (each rank holds different experts),
+    pipeline stages over the pipe group (each stage its own layers). GC itself never
+    communicates over them."""
+    replica: bool = False
+    """This rank's copy duplicates one that another rank of a stat group counts (the
+    later pipeline stages' copy of a tied weight): it is centralized like any other,
+    but left out of model-wide statistics so the tensor counts once."""
+
+
+def split_local_shape(shape: Sequence[int], split: Split) -> tuple[int, ...]:
+    """Shape of the local piece of a tensor of global ``shape`` under ``split``."""
+    out = list(shape)
+    out[split.dim] = split.sizes[split.index]
+    return tuple(out)
 
 
 def local_numel(layout: TensorLayout) -> int:
     """Elements of the tensor this rank holds."""
     where = layout.where
+    if isinstance(where, Split):
+        return local_numel(TensorLayout(layout.name, split_local_shape(layout.shape, where), where.inner))
     if isinstance(where, FlatShard):
         start, end = where.ranges[where.rank]
         return end - start
@@ -184,12 +238,32 @@ class TensorPlan:
     shard_groups: tuple[Any, ...] = ()
     """Groups whose ranks hold disjoint pieces of this tensor (global statistics are
     summed over them); empty when this rank holds the whole tensor."""
+    count: int | None = None
+    """Elements each mean averages, when it is not ``geometry.count`` (a :class:`Split`
+    along an averaged dim: ``geometry`` is the local piece's, the means the global
+    tensor's)."""
+    counted: bool = True
+    """Whether this rank's copy enters model-wide statistics (see ``TensorLayout.replica``)."""
+
+    @property
+    def elements_per_mean(self) -> int:
+        return self.geometry.count if self.count is None else self.count
 
 
 def plan_tensor(layout: TensorLayout, target: "Target") -> TensorPlan:
     """The plan of one GC target (see :func:`~dist_gc.core.select.resolve_targets`)
-    from its layout."""
+    from its layout (statistics groups and replicas applied)."""
+    plan = _plan_placement(layout, target)
+    if layout.stat_groups or layout.replica:
+        plan = replace(plan, shard_groups=tuple(dict.fromkeys((*plan.shard_groups, *layout.stat_groups))),
+                       counted=not layout.replica)
+    return plan
+
+
+def _plan_placement(layout: TensorLayout, target: "Target") -> TensorPlan:
     where, geo = layout.where, target.geometry
+    if isinstance(where, Split):
+        return plan_split(layout.name, target, shape=layout.shape, split=where)
     if isinstance(where, Whole):
         return plan_whole(layout.name, geo, layout.shape, target.output_dim, source=where.source, offset=where.offset)
     if isinstance(where, FlatShard):
@@ -434,3 +508,67 @@ def _plan_dim0_shard(name: str, geo: Geometry, shape: Sequence[int], local_shape
         raise RuntimeError(f"dist_gc: {name!r}: local block {tuple(local_shape)} is not rows [{start // row}, {end // row}) "
                            f"of {tuple(shape)} as torch.chunk over {axis.size} ranks gives; unrecognised DTensor sharding")
     return plan_flat_shard(name, geo, ranges=ranges, rank=axis.index, group=axis.group, source=source, offset=0)
+
+
+def _local_geometry(target: "Target", local_shape: Sequence[int], name: str) -> Geometry:
+    """The geometry of a local piece, with the target's own selection (mode, output dim,
+    batch dims, ConvTranspose groups)."""
+    from ..core.centralize import geometry_of
+
+    mode = "tensor" if target.output_dim is None else "channel"
+    return geometry_of(local_shape, mode, target.output_dim or 0, batch_dims=target.batch_dims, groups=target.groups, name=name)
+
+
+def plan_split(name: str, target: "Target", *, shape: Sequence[int], split: Split) -> TensorPlan:
+    """A tensor cut along ``split.dim`` over ``split.group``, this rank's piece held as
+    ``split.inner`` says (see :class:`Split`).
+
+    The local piece is planned like a tensor of its own (``inner``: whole, or a flat
+    partition over the data-parallel group), with the piece's geometry, then:
+
+    * split along a kept dim (output dim in channel mode, a batch dim): the piece holds
+      whole channels, so its means are final within ``inner``'s group — nothing over
+      ``split.group``. ``sums`` is indexed by the piece's own channels: ``inner``'s
+      group shares ``split.index``, hence the same piece and the same local order.
+    * split along an averaged dim: the piece holds every channel (the kept dims are
+      whole), so local channel ``c`` IS global channel ``c``, and each mean averages
+      ``target.geometry.count`` elements spread over the whole group. Every channel's
+      sum is all-reduced over ``inner``'s group and then over ``split.group`` (a sum
+      over both groups in either order: the two collectives commute).
+
+    Why every channel over ``inner``'s group, not only the channels a flat boundary
+    cuts (as :func:`plan_flat_shard` does): the TP peers' pieces are flattened and
+    partitioned separately (uneven ``sizes`` give different shapes), so a channel held
+    whole by data-parallel rank ``j`` on one TP rank may sit on rank ``j' != j`` on
+    another; only sums completed over the data-parallel group are aligned across the
+    TP group. Cost: 4 B x channels per such tensor and group, still independent of the
+    tensor's size.
+
+    Raises ``ValueError`` naming the parameter when the pieces do not add up to the
+    global dim, or when a grouped ``ConvTranspose`` weight is split on its grouped dim
+    (a piece would cut through channel blocks)."""
+    geo = target.geometry
+    if not 0 <= split.dim < len(shape) or sum(split.sizes) != shape[split.dim] or not 0 <= split.index < len(split.sizes):
+        raise ValueError(f"dist_gc: {name!r}: split of dim {split.dim} into {list(split.sizes)} (piece {split.index}) does not "
+                         f"fit its global shape {tuple(shape)}")
+    if target.groups > 1 and split.dim == target.batch_dims:
+        raise ValueError(f"dist_gc: {name!r}: a grouped ConvTranspose weight ({target.groups} groups in dim {split.dim}) split "
+                         "on that dim across ranks cannot be centralized exactly by dist_gc; exclude it")
+    local_shape = split_local_shape(shape, split)
+    local = _local_geometry(target, local_shape, name)
+    inner = split.inner
+    if isinstance(inner, Whole):
+        base = plan_whole(name, local, local_shape, target.output_dim, source=inner.source, offset=inner.offset)
+    elif isinstance(inner, FlatShard):
+        if inner.ranges and max(e for _, e in inner.ranges) > math.prod(local_shape):
+            raise ValueError(f"dist_gc: {name!r}: flat ranges {list(inner.ranges)} exceed its local piece {local_shape}")
+        base = plan_flat_shard(name, local, ranges=inner.ranges, rank=inner.rank, group=inner.group,
+                               source=inner.source, offset=inner.offset)
+    else:
+        raise TypeError(f"dist_gc: {name!r}: a Split holds its piece as Whole or FlatShard, not {inner!r}")
+    groups = (*base.shard_groups, split.group) if len(split.sizes) > 1 else base.shard_groups
+    if split.dim in target.kept_dims or len(split.sizes) == 1:
+        return replace(base, shard_groups=groups)
+    n = base.num_sums
+    reductions = tuple(Reduction(g, 0, n) for g in base.shard_groups) + (Reduction(split.group, 0, n),)
+    return replace(base, reductions=reductions, shard_groups=groups, count=geo.count)
