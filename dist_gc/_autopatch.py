@@ -120,20 +120,30 @@ _OFF = (f"GC off: no --gc-config / {ENV_CONFIG} given, and DeepSpeed's config ha
         "block (for DDP/FSDP give dist-gc-run --gc-config PATH)")
 
 
-# --------------------------------------------------------------------------- DeepSpeed
-def _patch_deepspeed(ds: Any) -> None:
-    original = getattr(ds, "initialize", None)
+# --------------------------------------------------------------------------- patching
+def _after(owner: Any, name: str, then: Any) -> None:
+    """Replace ``owner.name`` (a function or method) by one that calls the original and
+    then ``then(result, *args, **kwargs)``; once (a second call is a no-op).
+    ``functools.wraps`` keeps the original reachable as ``__wrapped__`` and copies its
+    ``__dict__`` (``fully_shard.state`` & co. stay reachable)."""
+    original = getattr(owner, name, None)
     if original is None or getattr(original, "_dist_gc_patched", False):
         return
 
-    @functools.wraps(original)  # sets __wrapped__: dist_gc.deepspeed.initialize calls the original
-    def initialize(*args: Any, **kwargs: Any) -> Any:
-        result = original(*args, **kwargs)
-        _on_deepspeed_engine(result[0])
-        return result
+    @functools.wraps(original)
+    def patched(*args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        then(out, *args, **kwargs)
+        return out
 
-    initialize._dist_gc_patched = True  # type: ignore[attr-defined]
-    ds.initialize = initialize
+    patched._dist_gc_patched = True  # type: ignore[attr-defined]
+    setattr(owner, name, patched)
+
+
+# --------------------------------------------------------------------------- DeepSpeed
+def _patch_deepspeed(ds: Any) -> None:
+    # dist_gc.deepspeed.initialize calls the original through __wrapped__.
+    _after(ds, "initialize", lambda result, *a, **k: _on_deepspeed_engine(result[0]))
 
 
 def _claim(optimizer: Any) -> None:
@@ -170,17 +180,7 @@ def _on_deepspeed_engine(engine: Any) -> None:
 
 # --------------------------------------------------------------------------- model recorders
 def _record_after_init(cls: Any) -> None:
-    original = cls.__init__
-    if getattr(original, "_dist_gc_patched", False):
-        return
-
-    @functools.wraps(original)
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        _models.add(self)
-
-    __init__._dist_gc_patched = True  # type: ignore[attr-defined]
-    cls.__init__ = __init__
+    _after(cls, "__init__", lambda _, self, *a, **k: _models.add(self))
 
 
 def _patch_ddp(module: Any) -> None:
@@ -191,41 +191,23 @@ def _patch_fsdp1(module: Any) -> None:
     _record_after_init(module.FullyShardedDataParallel)
 
 
-def _patch_fully_shard(package: Any) -> None:
-    original = getattr(package, "fully_shard", None)
-    if original is None or getattr(original, "_dist_gc_patched", False):
-        return
-
-    @functools.wraps(original)  # copies __dict__: fully_shard.state & co. stay reachable
-    def fully_shard(module: Any, *args: Any, **kwargs: Any) -> Any:
-        out = original(module, *args, **kwargs)
-        for m in out if isinstance(out, (list, tuple)) else (out,):
+def _record_all(out: Any, *args: Any, keep: Any = lambda m: True) -> None:
+    for m in out if isinstance(out, (list, tuple)) else (out,):
+        if keep(m):
             _models.add(m)
-        return out
 
-    fully_shard._dist_gc_patched = True  # type: ignore[attr-defined]
-    package.fully_shard = fully_shard
+
+def _patch_fully_shard(package: Any) -> None:
+    # Patch the re-export on torch.distributed.fsdp, never the defining module: the
+    # function looks up its own name there.
+    _after(package, "fully_shard", lambda out, *a, **k: _record_all(out))
 
 
 def _patch_accelerate(module: Any) -> None:
-    cls = module.Accelerator
-    original = cls.prepare
-    if getattr(original, "_dist_gc_patched", False):
-        return
-
-    @functools.wraps(original)
-    def prepare(self: Any, *args: Any, **kwargs: Any) -> Any:
-        out = original(self, *args, **kwargs)
-        for obj in out if isinstance(out, tuple) else (out,):
-            if callable(getattr(obj, "named_parameters", None)):
-                _models.add(obj)
-        return out
-
-    prepare._dist_gc_patched = True  # type: ignore[attr-defined]
-    cls.prepare = prepare
+    _after(module.Accelerator, "prepare",
+           lambda out, *a, **k: _record_all(out, keep=lambda m: callable(getattr(m, "named_parameters", None))))
 
 
-# --------------------------------------------------------------------------- lazy attach
 def _owner(optimizer: Any) -> Any:
     """The recorded model whose parameters include every parameter of ``optimizer``
     (the largest such), or ``None``."""
@@ -268,42 +250,28 @@ def _patch_optim(module: Any) -> None:
 
 
 # --------------------------------------------------------------------------- Trainer callbacks
+def _add_hf_callback(_: Any, trainer: Any, *args: Any, **kwargs: Any) -> None:
+    from .integrations.transformers import DistGCCallback
+
+    callbacks = trainer.callback_handler.callbacks
+    mine = [c for c in callbacks if isinstance(c, DistGCCallback)]
+    callback = mine[0] if mine else DistGCCallback(auto=True)
+    callback.trainer = trainer
+    if callback in callbacks:
+        callbacks.remove(callback)
+    callbacks.insert(0, callback)  # first: its on_log runs before every tracker and the console
+
+
 def _patch_hf_trainer(module: Any) -> None:
-    cls = module.Trainer
-    original = cls.__init__
-    if getattr(original, "_dist_gc_patched", False):
-        return
+    _after(module.Trainer, "__init__", _add_hf_callback)
 
-    @functools.wraps(original)
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        from .integrations.transformers import DistGCCallback
 
-        callbacks = self.callback_handler.callbacks
-        mine = [c for c in callbacks if isinstance(c, DistGCCallback)]
-        callback = mine[0] if mine else DistGCCallback(auto=True)
-        callback.trainer = self
-        if callback in callbacks:
-            callbacks.remove(callback)
-        callbacks.insert(0, callback)  # first: its on_log runs before every tracker and the console
+def _add_lightning_callback(_: Any, trainer: Any, *args: Any, **kwargs: Any) -> None:
+    from .integrations.lightning import DistGCCallback
 
-    __init__._dist_gc_patched = True  # type: ignore[attr-defined]
-    cls.__init__ = __init__
+    if not any(isinstance(c, DistGCCallback) for c in trainer.callbacks):
+        trainer.callbacks.append(DistGCCallback(auto=True))
 
 
 def _patch_lightning(module: Any) -> None:
-    cls = module.Trainer
-    original = cls.__init__
-    if getattr(original, "_dist_gc_patched", False):
-        return
-
-    @functools.wraps(original)
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        from .integrations.lightning import DistGCCallback
-
-        if not any(isinstance(c, DistGCCallback) for c in self.callbacks):
-            self.callbacks.append(DistGCCallback(auto=True))
-
-    __init__._dist_gc_patched = True  # type: ignore[attr-defined]
-    cls.__init__ = __init__
+    _after(module.Trainer, "__init__", _add_lightning_callback)
