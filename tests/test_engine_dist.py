@@ -5,7 +5,9 @@ including ranks whose shard is empty or all padding."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 
 import pytest
 import torch
@@ -24,7 +26,14 @@ TENSORS = [
     ("emb.weight", (11, 6), 0), ("conv.weight", (5, 3, 3, 3), 0), ("deconv.weight", (5, 4, 2, 2), 1),
     ("fc1.weight", (13, 100), 0), ("proj.weight", (13, 7), -1), ("head.weight", (5, 13), 0), ("tiny", (1, 5), 0),
 ]
-CASES = [(layout, mode, dtype) for layout in ("concat", "per_tensor") for mode in ("channel", "tensor") for dtype in ("float32", "bfloat16")]
+# Each layout/mode/dtype runs through every way the engine can compute: the torch ops
+# (with full_stats, which measures the result), the fused C++ kernel, the Triton kernel
+# (under its interpreter on CPU tensors), and the torch ops with the test-only switch
+# that takes the CUDA branches (GPU chunk sizes, fp32 batching, the comm-device
+# transfer) on CPU tensors.
+KERNELS = ["torch", "cpu", "pretend"] + (["triton"] if importlib.util.find_spec("triton") and importlib.util.find_spec("dist_gc.kernels.triton") else [])
+CASES = [(layout, mode, dtype, kernel) for layout in ("concat", "per_tensor") for mode in ("channel", "tensor") for dtype in ("float32", "bfloat16")
+         for kernel in KERNELS]
 
 
 def _global_grads(dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -52,7 +61,8 @@ def _layout(kind: str, world: int) -> dict[str, list[tuple[int, int]]]:
 
 def engine_worker(rank: int, world: int, cases):
     results = {}
-    for layout, mode, dtype_name in cases:
+    os.environ["TRITON_INTERPRET"] = "1"  # (before triton is first imported: the kernels import it lazily)
+    for layout, mode, dtype_name, kernel in cases:
         dtype = getattr(torch, dtype_name)
         grads = _global_grads(dtype)
         ranges = _layout(layout, world)
@@ -66,12 +76,19 @@ def engine_worker(rank: int, world: int, cases):
             offset += hi - lo
         buf = torch.cat(pieces) if offset else torch.zeros(0, dtype=dtype)
         naive = buf.clone()
-        engine = GCEngine(plans, [lambda: buf], full_stats=True)
+        full_stats = kernel in ("torch", "pretend")
+        engine = GCEngine(plans, [lambda: buf], full_stats=full_stats, kernel="torch" if full_stats else kernel)
         engine.verify_collectives()
-        stats = engine.step()
+        if kernel == "pretend":
+            os.environ["DIST_GC_TEST_PRETEND_ACCELERATOR"] = "1"
+        try:
+            stats = engine.step()
+        finally:
+            os.environ.pop("DIST_GC_TEST_PRETEND_ACCELERATOR", None)
         if naive.numel():
             naive -= naive.float().mean().to(dtype)  # "forced" GC on the 1-D shard
-        results[(layout, mode, dtype_name)] = (buf, naive, stats.bytes_communicated, stats.collectives, stats.max_abs_mean_after)
+        results[(layout, mode, dtype_name, kernel)] = (buf, naive, stats.bytes_communicated, stats.collectives, stats.max_abs_mean_after,
+                                                       engine.backend)
     return results
 
 
@@ -92,8 +109,8 @@ def _assemble(per_rank, key, which, world, layout):
 def test_engine_matches_oracle_on_flat_shards(world):
     per_rank = run_distributed(engine_worker, world, CASES)
     failures = []
-    for layout, mode, dtype_name in CASES:
-        key = (layout, mode, dtype_name)
+    for layout, mode, dtype_name, kernel in CASES:
+        key = (layout, mode, dtype_name, kernel)
         dtype = getattr(torch, dtype_name)
         grads = _global_grads(dtype)
         got = _assemble(per_rank, key, 0, world, layout)
@@ -112,9 +129,15 @@ def test_engine_matches_oracle_on_flat_shards(world):
                 nerr = float((naive[n].double() - want).abs().max())
                 if nerr < 100 * atol:
                     failures.append(f"{key} {n}: naive GC matched the oracle (err {nerr:.3g}); test cannot fail")
-        stats_after = max(r[key][4] for r in per_rank)
-        if stats_after > (1e-6 if dtype == torch.float32 else 1e-2):
-            failures.append(f"{key}: max |mean| after GC {stats_after}")
+        if kernel in ("torch", "pretend"):
+            stats_after = max(r[key][4] for r in per_rank)
+            if stats_after > (1e-6 if dtype == torch.float32 else 1e-2):
+                failures.append(f"{key}: max |mean| after GC {stats_after}")
+        # The requested backend really ran (an empty shard runs none: nothing to do).
+        want_backend = None if kernel in ("torch", "pretend") else kernel
+        ran = {r[key][5] for r in per_rank if r[key][0].numel()}
+        if ran and ran != {want_backend}:
+            failures.append(f"{key}: backends {ran} ran, not {want_backend}")
         nbytes = [r[key][2] for r in per_rank]
         assert len(set(nbytes)) == 1, f"{key}: ranks sent different byte counts {nbytes}"
         if world == 1:

@@ -17,6 +17,8 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .device import on_accelerator
+
 __all__ = [
     "Geometry",
     "geometry_of",
@@ -145,7 +147,7 @@ def _chunk_elems(limit_bytes: int, device: torch.device | None = None) -> int:
     # On CPU a cache-sized chunk is also much faster (see CPU_CHUNK_ELEMS); on GPUs a
     # large chunk keeps the kernel count low.
     budget = max(1, limit_bytes // 8)
-    return min(budget, CPU_CHUNK_ELEMS) if device is None or device.type == "cpu" else budget
+    return budget if on_accelerator(device) else min(budget, CPU_CHUNK_ELEMS)
 
 
 def fits_mixed_kernels(x: torch.Tensor, limit_bytes: int = DEFAULT_TEMP_BYTES) -> bool:
@@ -156,9 +158,9 @@ def fits_mixed_kernels(x: torch.Tensor, limit_bytes: int = DEFAULT_TEMP_BYTES) -
     temporaries the size of the input: 1/4 of the budget), on CPU only tiny ones."""
     if x.dtype in _WIDE:
         return True
-    if x.device.type == "cpu":
-        return x.numel() <= min(CPU_MIXED_MAX_ELEMS, limit_bytes // 64)
-    return x.numel() <= limit_bytes // 64
+    if on_accelerator(x.device):
+        return x.numel() <= limit_bytes // 64
+    return x.numel() <= min(CPU_MIXED_MAX_ELEMS, limit_bytes // 64)
 
 
 def _as_fp32(xc: torch.Tensor, scratch: torch.Tensor | None) -> torch.Tensor:

@@ -8,6 +8,8 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
+from ..core.device import accelerator_device, pretend_accelerator
+
 __all__ = ["comm_device", "raise_on_every_rank"]
 
 
@@ -20,12 +22,14 @@ def comm_device(group: Any = None, prefer: torch.device | None = None) -> torch.
     gives) communicates on either: ``prefer`` (where the data already is) is kept when
     the group has a backend for its type, else the CUDA device when it has one."""
     backend = str(dist.get_backend(group))
+    if pretend_accelerator():
+        backend = "nccl"  # test-only: take NCCL's branch, the CPU standing in for its device
     if ":" in backend:
         types = {part.split(":", 1)[0] for part in backend.split(",")}
         if prefer is not None and prefer.type in types:
             return prefer
-        return torch.device("cuda", torch.cuda.current_device()) if "cuda" in types else torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        return accelerator_device() if "cuda" in types else torch.device("cpu")
+    return accelerator_device() if backend == "nccl" else torch.device("cpu")
 
 
 def raise_on_every_rank(errors: Sequence[str], group: Any, message: str, *, exc: type[Exception] = RuntimeError, limit: int = 5) -> None:

@@ -25,6 +25,9 @@ import torch
 import torch.distributed as dist
 
 from ..core.centralize import DEFAULT_TEMP_BYTES, add_sums_, centralize_in_one_pass_, fits_mixed_kernels, scratch_for, subtract_means_
+from ..core.device import on_accelerator, pretend_accelerator
+from ..kernels import Bound, resolve_kernel, select_backend
+from ..kernels.table import kernel_items
 from .collectives import comm_device
 from .layout import Region, TensorPlan
 
@@ -249,13 +252,26 @@ class GCEngine:
     device (:func:`~dist_gc.engine.collectives.comm_device`). When they differ —
     CPU-offloaded gradients (FSDP2 ``CPUOffloadPolicy``, FSDP1 ``CPUOffload``) with an
     NCCL group — only the message (4 B per split channel) is copied there and back;
-    offload changes neither the temporaries nor the message size."""
+    offload changes neither the temporaries nor the message size.
 
-    def __init__(self, plans: Sequence[TensorPlan], sources: Sequence[Source], *, temp_limit_bytes: int | None = None, full_stats: bool = False) -> None:
+    ``kernel`` (default ``$DIST_GC_KERNEL`` or ``"auto"``) picks how the sums and the
+    subtraction run: one fused multi-tensor call per step (:mod:`dist_gc.kernels`: C++
+    on CPU, Triton on CUDA) or torch ops per region; the results agree to rounding."""
+
+    def __init__(self, plans: Sequence[TensorPlan], sources: Sequence[Source], *, temp_limit_bytes: int | None = None, full_stats: bool = False,
+                 kernel: str | None = None) -> None:
         self.plans = list(plans)
+        self.kernel = resolve_kernel(kernel)
+        """Requested backend (see :mod:`dist_gc.kernels`); ``backend`` is the one the
+        last step used (``None``: torch ops)."""
+        self.backend: str | None = None
         self.sources = list(sources)
         self.full_stats = full_stats
         self.compiled = compile_plans(self.plans)
+        # The fused kernels' view of the items; the few no kernel takes (`_rest`) go
+        # through the torch ops beside them.
+        self._kitems, self._rest = kernel_items(self.compiled, self.plans)
+        self._bound: dict[tuple, Bound] = {}
         self._temp_limit = temp_limit_bytes
         self._device: torch.device | None = None
         self._acc_dtype = torch.float32
@@ -322,7 +338,7 @@ class GCEngine:
         gradients do not allow it (a missing gradient, mixed or fp64 dtypes)."""
         items = self.compiled.items
         first = grads[items[batch.items[0]].region.source]
-        if first is None or first.dtype not in _BATCH_DTYPES or (first.dtype == torch.float32 and first.device.type == "cpu"):
+        if first is None or first.dtype not in _BATCH_DTYPES or (first.dtype == torch.float32 and not on_accelerator(first.device)):
             return False  # (measured: on CPU fp32 tensors are as fast one by one: no casts to save)
         xs = [self._view(grads, items[k].region) for k in batch.items]
         if any(x is None or x.dtype != first.dtype for x in xs):
@@ -337,22 +353,26 @@ class GCEngine:
         torch._foreach_copy_(xs, [p.view(x.shape) for p, x in zip(pieces, xs)])
         return True
 
-    def _accumulate(self, grads: list[torch.Tensor | None], key: str, fuse: bool = False) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
-        """Partial channel sums of every region into the ``key`` buffer. With
-        ``full_stats`` also the squared norm per stats slot. With ``fuse``, final
-        regions are centralized right after their sums (their slice then holds means)."""
+    def _accumulate(self, grads: list[torch.Tensor | None], key: str, fuse: bool = False, only: Sequence[int] | None = None,
+                    zero: bool = True) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+        """Partial channel sums of every region (``only``: of these items) into the
+        ``key`` buffer (zeroed first unless ``zero`` is False). With ``full_stats`` also
+        the squared norm per stats slot. With ``fuse``, final regions are centralized
+        right after their sums (their slice then holds means)."""
         sums, views = self._buffer(key)
-        sums.zero_()
+        if zero:
+            sums.zero_()
         sq = torch.zeros(len(self.compiled.stat_groups), dtype=torch.float64) if self.full_stats else None
         scratch: torch.Tensor | None = None  # one fp32 chunk buffer, reused for the step
         one_pass = fuse and sq is None  # (full_stats needs each region's norm before GC)
         limit = self.temp_limit_bytes
         batches = self.compiled.batches
         done_until = 0
-        for k, (it, view) in enumerate(zip(self.compiled.items, views)):
+        for k in range(len(self.compiled.items)) if only is None else only:
+            it, view = self.compiled.items[k], views[k]
             if k < done_until:
                 continue  # centralized with its batch
-            if one_pass and k in batches and self._centralize_batch(grads, sums, batches[k]):
+            if one_pass and only is None and k in batches and self._centralize_batch(grads, sums, batches[k]):
                 done_until = k + len(batches[k].items)
                 continue
             x = self._view(grads, it.region)
@@ -372,6 +392,34 @@ class GCEngine:
                 subtract_means_(x, view, limit, scratch)
         return sums, views, sq
 
+    def _kernel_for(self, grads: list[torch.Tensor | None]) -> tuple[Bound | None, list[torch.Tensor], Sequence[int]]:
+        """The fused backend for this step, the 1-D views of its items, and the items
+        left to the torch ops (all of them when no backend runs: ``kernel="torch"``,
+        ``full_stats`` — which needs each region's norm before GC —, fp64 gradients).
+        Items of a missing gradient are left out; a non-contiguous gradient (a
+        channels-last weight) goes through the torch ops."""
+        every = range(len(self.compiled.items))
+        if self.kernel == "torch" or self.full_stats or not self._kitems:
+            return None, [], every
+        present, rest = [], list(self._rest)
+        for it in self._kitems:
+            g = grads[it.source]
+            if g is None:
+                continue
+            (present if g.is_contiguous() else rest).append(it if g.is_contiguous() else it.item)
+        if not present:
+            return None, [], every
+        dtypes = tuple(grads[it.source].dtype for it in present)
+        backend = select_backend(self.kernel, self._device, sorted(set(dtypes), key=str))
+        if backend is None:
+            return None, [], every
+        key = (backend, tuple(it.item for it in present), dtypes)
+        bound = self._bound.get(key)
+        if bound is None:
+            bound = self._bound[key] = Bound(backend, present, dtypes, self._device)
+        views = [grads[it.source].view(-1)[it.start : it.start + it.numel] for it in present]
+        return bound, views, sorted(rest)
+
     def _reduce(self, sums: torch.Tensor, stats: GCStats) -> None:
         # One collective per group per step, in the same order on every rank.
         for b, index in zip(self.compiled.buckets, self._bucket_index):
@@ -386,7 +434,8 @@ class GCEngine:
             dev = self._wire_devices.get(b.group)
             if dev is None:
                 dev = self._wire_devices[b.group] = comm_device(b.group, prefer=msg.device)
-            wire = msg if msg.device == dev else msg.to(dev, copy=True)
+            # (under the test-only accelerator switch the transfer branch always runs)
+            wire = msg if msg.device == dev and not pretend_accelerator() else msg.to(dev, copy=True)
             dist.all_reduce(wire, group=b.group)
             if wire is not msg:
                 msg.copy_(wire)
@@ -439,7 +488,16 @@ class GCEngine:
         self._prepare(grads)
         self._presence(grads, stats)
         limit = self.temp_limit_bytes
-        sums, means_views, sq_before = self._accumulate(grads, "before", fuse=True)
+        bound, views, rest = self._kernel_for(grads)
+        self.backend = None if bound is None else bound.backend
+        if bound is not None:
+            sums, means_views = self._buffer("before")
+            sums.zero_()
+            bound.accumulate(views, sums)
+            self._accumulate(grads, "before", fuse=True, only=rest, zero=False)
+            sq_before = None
+        else:
+            sums, means_views, sq_before = self._accumulate(grads, "before", fuse=True)
         self._reduce(sums, stats)
         means = sums.div_(self._deferred_counts)  # in place: the cached views now hold means
         if means.numel():
@@ -448,7 +506,10 @@ class GCEngine:
             top, bad = torch.stack([means.abs().max(), (~torch.isfinite(means)).sum().to(means.dtype)]).tolist()
             stats.max_abs_mean_before, stats.nonfinite = (float("nan") if bad else top), int(bad)
         scratch: torch.Tensor | None = None
-        for it, m in zip(self.compiled.items, means_views):
+        if bound is not None:
+            bound.subtract(views, means)  # (its final items were centralized by accumulate)
+        for k in rest:
+            it, m = self.compiled.items[k], means_views[k]
             x = None if it.final else self._view(grads, it.region)
             if x is None:
                 continue
