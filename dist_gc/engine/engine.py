@@ -187,7 +187,8 @@ def compile_plans(plans: Sequence[TensorPlan]) -> CompiledPlans:
         spans = [(r.sum_start, r.sum_stop) for r in plan.regions]
         g = plan.geometry
         for r in plan.regions:
-            numel = g.numel if r.shape is None else math.prod(r.shape)
+            numel = math.prod(r.shape if r.shape is not None else r.source_shape if r.source_shape is not None else ()) if (
+                r.shape is not None or r.source_shape is not None) else g.numel
             overlaps = sum(1 for lo, hi in spans if lo < r.sum_stop and r.sum_start < hi)
             reduced = any(red.sum_start < r.sum_stop and r.sum_start < red.sum_stop for red in plan.reductions)
             dims = tuple(i for i, b in enumerate(r.sum_shape) if b == 1)
@@ -271,6 +272,7 @@ class GCEngine:
         # The fused kernels' view of the items; the few no kernel takes (`_rest`) go
         # through the torch ops beside them.
         self._kitems, self._rest = kernel_items(self.compiled, self.plans)
+        self._owner = [k for k, p in enumerate(self.plans) for _ in p.regions]
         self._bound: dict[tuple, Bound] = {}
         self._temp_limit = temp_limit_bytes
         self._device: torch.device | None = None
@@ -418,6 +420,10 @@ class GCEngine:
         if bound is None:
             bound = self._bound[key] = Bound(backend, present, dtypes, self._device)
         views = [grads[it.source].view(-1)[it.start : it.start + it.numel] for it in present]
+        for it, v in zip(present, views):
+            if v.numel() != it.numel:  # (a slice past the end is silently short: never hand that to a kernel)
+                raise RuntimeError(f"dist_gc: {self._names[self._owner[it.item]]!r}: its gradient buffer holds {grads[it.source].numel()} "
+                                   f"elements, the plan views [{it.start}, {it.start + it.numel}); the layout does not match the gradient")
         return bound, views, sorted(rest)
 
     def _reduce(self, sums: torch.Tensor, stats: GCStats) -> None:

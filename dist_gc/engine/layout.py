@@ -215,6 +215,10 @@ class Region:
     sum_start: int
     sum_stop: int
     sum_shape: tuple[int, ...]
+    source_shape: tuple[int, ...] | None = None
+    """With ``shape`` ``None``: the source's own shape (the whole tensor for
+    :func:`plan_whole`, the local block for :func:`plan_block`), which the engine's
+    kernels and batches need (the view itself may have any strides)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,7 +293,7 @@ def plan_whole(name: str, geo: Geometry, shape: Sequence[int], output_dim: int |
     sum_shape = [1] * len(shape)
     if output_dim is not None:
         sum_shape[output_dim] = geo.channels
-    region = Region(source, 0, 0, None, 0, geo.channels, tuple(sum_shape))
+    region = Region(source, 0, 0, None, 0, geo.channels, tuple(sum_shape), tuple(shape))
     return TensorPlan(name, geo, geo.channels, (region,))
 
 
@@ -491,7 +495,7 @@ def plan_block(
     else:
         sum_shape = [int(local_shape[d]) if d in kept else 1 for d in range(ndim)]
         num_sums = math.prod(sum_shape)
-        region = Region(source, 0, 0, None, 0, num_sums, tuple(sum_shape))
+        region = Region(source, 0, 0, None, 0, num_sums, tuple(sum_shape), tuple(int(d) for d in local_shape))
     reductions = tuple(Reduction(a.group, 0, num_sums) for a in shard_axes if a.dim not in kept)
     shard_groups = tuple(dict.fromkeys(a.group for a in shard_axes))
     return TensorPlan(name, geo, num_sums, (region,), reductions, shard_groups)

@@ -98,9 +98,8 @@ def kernel_items(compiled, plans: Sequence) -> tuple[tuple[KernelItem, ...], tup
         plan = plans[owner[i]]
         r = it.region
         if r.shape is None:
-            g = plan.geometry
-            # the whole source tensor: (1, outer, channels, inner) of its geometry
-            shape = canonical_shape((g.outer, g.channels, g.inner), (1, g.channels, 1)) if g.groups == 1 else None
+            # the source itself (a whole tensor, a DTensor's local block), as its own shape
+            shape = canonical_shape(r.source_shape, r.sum_shape) if r.source_shape is not None else None
             start = 0
         else:
             shape = canonical_shape(r.shape, r.sum_shape)
