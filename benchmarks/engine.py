@@ -123,8 +123,12 @@ def count_launches(fn: Callable[[], None], warmup: int = 1) -> dict[str, int]:
         torch.cuda.synchronize()
     kernels = calls = 0
     for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            kernels += not e.name.startswith(("Memcpy", "Memset"))
+        kind = getattr(e, "activity_type", None)  # "kernel", "gpu_memcpy", "cuda_runtime", "cuda_driver", "cpu_op", ...
+        if isinstance(kind, str) and kind:
+            kernels += kind == "kernel"
+            calls += kind in ("cuda_runtime", "cuda_driver") and "LaunchKernel" in e.name
+        elif e.device_type == torch.autograd.DeviceType.CUDA:  # torch without activity types
+            kernels += not e.name.startswith(("Memcpy", "Memset", "gpu_user_annotation"))
         elif "LaunchKernel" in e.name:
             calls += 1
     return {"kernels": kernels, "launch_calls": calls}
