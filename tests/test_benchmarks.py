@@ -147,3 +147,26 @@ def test_run_main_writes_json_png_and_section(bench, tmp_path, capsys):
     with pytest.raises(SystemExit):  # a clear command-line error, before any work
         run.main(["--device", "cuda", "--out", str(tmp_path), "--no-results-md"] if not torch.cuda.is_available()
                  else ["--kernel", "nosuch", "--out", str(tmp_path), "--no-results-md"])
+
+
+def test_launch_rows_on_a_simulated_cuda(bench, monkeypatch):
+    """The launch table's assembly (CUDA itself is not needed for that): gradient sets
+    built on the CPU, and a stand-in counter that counts one launch per tensor for the
+    loop and a constant for the engine."""
+    engine, run = bench
+    real = engine.GradSet
+    monkeypatch.setattr(engine, "GradSet", lambda preset, device, dtype: real(preset, "cpu", dtype))
+
+    def fake_count(fn):
+        return {"kernels": getattr(fn, "regions", 7), "launch_calls": 7}
+
+    monkeypatch.setattr(engine, "count_launches", fake_count)
+    got = engine.bench_launches("cuda", ["auto"], sets=("tiny", "many"))
+    rows = got["rows"]
+    assert got["reason"] is None and len(rows) == 2 * 2 * 2 * 2  # dtype x mode x layout x (auto, loop)
+    assert {(r["tiny_tensors"], r["many_tensors"]) for r in rows} == {(15, 1051)}
+    assert all(r["constant"] for r in rows if r["kernel"] == "auto")
+    # the shard loop runs one mean per region view: more views in 'many', not constant
+    assert not any(r["constant"] for r in rows if r["kernel"] == "loop" and r["layout"] == "shard")
+    cols = ["kernel", "layout", "mode", "dtype", "tiny_tensors", "many_tensors", "tiny_kernels", "many_kernels", "constant"]
+    assert run._table(rows, cols).count("\n") == len(rows) + 1
