@@ -1,9 +1,15 @@
-"""Training-step overhead of GC and its extra communication, per engine, at W = 2.
+"""Training-step overhead of GC and its extra communication, per engine.
 
 Each rank alternates steps with GC on and off (GC is detached and re-attached between
 them, outside the timed region), so both see the same machine state; the figure is
 the ratio of the medians. Communication is counted from ``handle.stats`` (bytes and
 collectives GC issued) against the gradient bytes the engine itself reduces.
+
+CPU: W = 2 over gloo, the 4.3M-parameter reference model. CUDA: by default W = 1 over
+NCCL (one GPU cannot host two NCCL ranks) and a larger model (``MODELS["gpu"]``); the
+step is synchronized before its end time is taken, and a global optimizer step
+pre-hook synchronizes before every optimizer step (GC on and off alike) so that GC's
+own time (``handle.stats.seconds``) does not include backward kernels still queued.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ class RefModel(nn.Module):
 
     def __init__(self, vocab: int = 2048, hidden: int = 256, inter: int = 704, layers: int = 4) -> None:
         super().__init__()
+        self.vocab = vocab
         self.embed = nn.Embedding(vocab, hidden)
         self.layers = nn.ModuleList(Block(hidden, inter) for _ in range(layers))
         self.norm = nn.RMSNorm(hidden)
@@ -59,15 +66,19 @@ class RefModel(nn.Module):
         return self.head(self.norm(x))
 
 
-def _ddp(model):
+#: Model sizes: "ref" ~4.3M parameters (CPU); "gpu" ~166M (vocab 32000, hidden 1024, 8 blocks).
+MODELS = {"ref": dict(vocab=2048, hidden=256, inter=704, layers=4), "gpu": dict(vocab=32000, hidden=1024, inter=2816, layers=8)}
+
+
+def _ddp(model, device):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    ddp = DDP(model)
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.SGD(ddp.parameters(), lr=1e-3)
     return ddp, opt, lambda cfg: dist_gc.attach(opt, model=ddp, config=cfg), opt.step
 
 
-def _fsdp2(model):
+def _fsdp2(model, device):
     from torch.distributed.fsdp import fully_shard
 
     for blk in model.layers:
@@ -78,10 +89,11 @@ def _fsdp2(model):
 
 
 def _zero(stage):
-    def build(model):
+    def build(model, device):
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="gloo")  # joins the harness' gloo group
+        # Joins the harness' process group (gloo, or NCCL for a W=1 CUDA run).
+        deepspeed.init_distributed(dist_backend=str(dist.get_backend()))
         cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": stage}, "steps_per_print": 10**9,
                "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False}
         engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1e-3), config=cfg)
@@ -124,13 +136,26 @@ class CollectiveCounter:
 ENGINES = {"DDP": _ddp, "FSDP2": _fsdp2, "ZeRO-2": _zero(2), "ZeRO-3": _zero(3)}
 
 
-def overhead_worker(rank: int, world: int, engine_name: str, tokens: int, reps: int) -> dict:
+def overhead_worker(rank: int, world: int, engine_name: str, tokens: int, reps: int, device: str = "cpu", model_size: str = "ref") -> dict:
+    dev = torch.device(device)
+    sync_hook = None
+    if dev.type == "cuda":
+        # Every rank on the one GPU (a W=2 run shares it over gloo); DeepSpeed places
+        # its engine by LOCAL_RANK.
+        dev = torch.device("cuda", 0)
+        torch.cuda.set_device(dev)
+        os.environ["LOCAL_RANK"] = "0"
+        # TF32 on, as most GPU training runs: faster steps make GC's share larger, not smaller.
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        # Runs before every optimizer's own pre-hooks (GC's among them), GC on and off.
+        sync_hook = torch.optim.optimizer.register_optimizer_step_pre_hook(lambda *_: torch.cuda.synchronize())
     torch.manual_seed(0)
-    model = RefModel()
+    model = RefModel(**MODELS[model_size]).to(dev)
     numel = sum(p.numel() for p in model.parameters())
-    wrapped, opt, attach, step = ENGINES[engine_name](model)
+    wrapped, opt, attach, step = ENGINES[engine_name](model, dev)
     g = torch.Generator().manual_seed(rank)
-    batch = torch.randint(0, 2048, (1, tokens), generator=g)
+    batch = torch.randint(0, model.vocab, (1, tokens), generator=g).to(dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def train_step(counter: CollectiveCounter | None = None) -> float:
         dist.barrier()
@@ -140,6 +165,7 @@ def overhead_worker(rank: int, world: int, engine_name: str, tokens: int, reps: 
         return run_step()
 
     def run_step() -> float:
+        sync()
         t0 = time.perf_counter()
         logits = wrapped(batch)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), batch.view(-1))
@@ -150,6 +176,7 @@ def overhead_worker(rank: int, world: int, engine_name: str, tokens: int, reps: 
         step()
         if hasattr(opt, "zero_grad"):
             opt.zero_grad(set_to_none=True)
+        sync()
         dist.barrier()
         return time.perf_counter() - t0
 
@@ -167,8 +194,10 @@ def overhead_worker(rank: int, world: int, engine_name: str, tokens: int, reps: 
             on.append(t_on)
             off.append(t_off)
             gc_seconds.append(stats.seconds)
+    if sync_hook is not None:
+        sync_hook.remove()
     return {
-        "engine": engine_name, "world": world, "params": numel, "tokens_per_rank": tokens,
+        "engine": engine_name, "world": world, "device": str(dev), "backend": str(dist.get_backend()), "params": numel, "tokens_per_rank": tokens,
         "step_on_ms": statistics.median(on) * 1e3, "step_off_ms": statistics.median(off) * 1e3,
         "overhead_pct": 100 * (statistics.median(on) / statistics.median(off) - 1),
         "gc_pct_of_step": 100 * statistics.median(gc_seconds) / statistics.median(off),

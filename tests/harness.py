@@ -48,7 +48,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, store_dir: str, port: int, fn: Callable, args: tuple, kwargs: dict, out: Any) -> None:
+def _worker(rank: int, world_size: int, store_dir: str, port: int, fn: Callable, args: tuple, kwargs: dict, out: Any,
+            backend: str = "gloo") -> None:
     global _OUT, _RANK
     _OUT, _RANK = out, rank
     try:
@@ -58,7 +59,7 @@ def _worker(rank: int, world_size: int, store_dir: str, port: int, fn: Callable,
         )
         torch.set_num_threads(1)
         store = dist.FileStore(os.path.join(store_dir, "store"), world_size)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args, **kwargs)
         # Serialize by value: a tensor sent through the queue by shared memory would
         # be unreachable once this process exits before the parent reads it.
@@ -76,17 +77,18 @@ def _worker(rank: int, world_size: int, store_dir: str, port: int, fn: Callable,
 
 
 def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = DEFAULT_TIMEOUT,
-                    may_die: tuple[int, ...] = (), **kwargs: Any) -> list[Any]:
+                    may_die: tuple[int, ...] = (), pg_backend: str = "gloo", **kwargs: Any) -> list[Any]:
     """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` gloo ranks and
     return the per-rank results (rank order). ``fn`` must be a module-level function.
-    Ranks in ``may_die`` may exit without a result (fault injection): theirs is ``None``."""
+    Ranks in ``may_die`` may exit without a result (fault injection): theirs is ``None``.
+    ``pg_backend``: the default group's backend (``"nccl"`` for a one-GPU W=1 run)."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     results: dict[int, Any] = {}
     done: dict[int, list[str]] = {r: [] for r in range(world_size)}
     with tempfile.TemporaryDirectory(prefix="dist_gc_test_") as store_dir:
         port = free_port()
-        procs = [ctx.Process(target=_worker, args=(r, world_size, store_dir, port, fn, args, kwargs, out), daemon=True) for r in range(world_size)]
+        procs = [ctx.Process(target=_worker, args=(r, world_size, store_dir, port, fn, args, kwargs, out, pg_backend), daemon=True) for r in range(world_size)]
         for p in procs:
             p.start()
         deadline = time.monotonic() + timeout
