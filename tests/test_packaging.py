@@ -54,12 +54,13 @@ def test_wheel_and_sdist_install_and_work_in_a_fresh_venv(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     configs = [n for n in names if n.startswith("dist_gc/configs/") and n.endswith((".yaml", ".json"))]
     assert len(configs) == 16, configs
-    for needed in ("dist_gc/py.typed", "dist_gc/_bootstrap/sitecustomize.py", "dist_gc/run.py", "dist_gc/configs/__init__.py"):
+    for needed in ("dist_gc/py.typed", "dist_gc/_bootstrap/sitecustomize.py", "dist_gc/run.py", "dist_gc/configs/__init__.py",
+                   "dist_gc/kernels/gc_cpu.cpp", "dist_gc/kernels/_triton_kernels.py"):
         assert needed in names, needed
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), names
     meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert "License-Expression: Apache-2.0" in meta
-    assert all(f"Provides-Extra: {e}" in meta for e in ("deepspeed", "accelerate", "transformers", "lightning", "demo", "test"))
+    assert all(f"Provides-Extra: {e}" in meta for e in ("deepspeed", "accelerate", "transformers", "lightning", "demo", "gpu", "test"))
     entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
     assert "dist-gc-run = dist_gc.run:main" in entry
     members = tarfile.open(sdist).getnames()
@@ -84,6 +85,14 @@ def test_wheel_and_sdist_install_and_work_in_a_fresh_venv(tmp_path):
     assert facts["file"].startswith(str(venv)) and not facts["torch"], facts
     assert facts["mode"] == "tensor" and facts["n"] == 16 and facts["ds"], facts
     assert "gc/channel.yaml" in _run([py, "-m", "dist_gc.configs", "list"], work, env).split()
+    # the installed package builds its C++ kernel from the shipped source (a fresh cache)
+    kernel = _run([py, "-c", (
+        "import torch; from dist_gc.kernels import cpu; from dist_gc.engine.engine import GCEngine; "
+        "from dist_gc.engine.layout import plan_whole; from dist_gc.core.centralize import geometry_of; "
+        "g = torch.randn(8, 5) + 1; e = GCEngine([plan_whole('w', geometry_of(g.shape), g.shape, 0, source=0)], [lambda: g]); e.step(); "
+        "print(cpu._SOURCE, e.backend, float(g.mean(1).abs().max()) < 1e-6)")], work,
+        {**env, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}).split()
+    assert kernel[0].startswith(str(venv)) and kernel[1:] == ["cpu", "True"], kernel
 
     (work / "sub").mkdir()
     (work / "sub" / "probe.py").write_text(
