@@ -132,7 +132,7 @@ def _plot(engine_rows: list[dict], path: str, title: str) -> None:
         labels = []
         for r in rows:
             layout = "shard" if r["layout"].startswith("1-D") else "full"
-            labels.append(f"{layout}\n{r['mode']}\n{r['dtype'].replace('bfloat16', 'bf16').replace('float32', 'fp32')}"
+            labels.append(f"{layout}\n{r['mode']}\n{r['dtype'].replace('bfloat16', 'bf16').replace('float32', 'fp32').replace('float16', 'fp16')}"
                           + (f"\n{r.get('kernel', 'auto')}" if len(kernels) > 1 else ""))
         ax.set_xticks(list(x), labels, fontsize=7)
         ax.set_ylabel("ratio (log)")
@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sections", default="engine,memory,overhead", help="comma list of engine,memory,overhead (on CUDA, engine includes the kernel-launch counts)")
     ap.add_argument("--kernel", default="auto", help="comma list of engine kernel backends (auto, torch, cpu, triton), measured side by side; "
                     "anything but 'auto' needs a GCEngine with the kernel= option")
+    ap.add_argument("--dtypes", default="float32,bfloat16,float16", help="comma list of gradient dtypes of the engine section")
     ap.add_argument("--engines", default="DDP,FSDP2,ZeRO-2,ZeRO-3")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--tokens", type=int, default=2048, help="tokens per rank per step in the overhead benchmark")
@@ -191,12 +192,13 @@ def main(argv: list[str] | None = None) -> int:
           f"writing {json_path}", file=sys.stderr, flush=True)
     if "engine" in sections:
         names = preset.split(",")
-        steps = len(names) * 2 * 4 + (8 if cuda else 0)  # (set, dtype) x (mode, layout) [+ launch counts]
+        dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+        steps = len(names) * len(dtypes) * 4 + (8 if cuda else 0)  # (set, dtype) x (mode, layout) [+ launch counts]
         prog = Progress(steps, f"engine ({','.join(kernels)})")
         rows = []
         try:
             for name in names:
-                for dtype in (torch.float32, torch.bfloat16):
+                for dtype in dtypes:
                     rows += bench_engine(name, args.reps, args.device, dtype, kernels=kernels, progress=prog.callbacks)
             report["engine"] = rows
             save()

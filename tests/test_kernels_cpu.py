@@ -277,3 +277,22 @@ def test_a_failed_build_warns_once_and_falls_back(tmp_path):
     assert (ok, backend) == ("False", "None"), (ok, backend, warns)
     assert float(err) <= 1e-5
     assert "fused CPU kernel could not be built" in warns and "DIST_GC_KERNEL=torch" in warns
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_subtraction_rounds_like_torch(dtype):
+    """``x - mean`` is computed in fp32 and rounded once, to nearest even, exactly as
+    torch's ``(x.float() - mean).to(dtype)`` (the vector paths and the scalar tails
+    alike: 1,000,003 elements); NaN stays NaN, infinities stay infinite."""
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(1_000_003, generator=g) * 3).to(dtype)
+    x[5], x[17], x[-2] = float("nan"), float("inf"), -float("inf")
+    means = torch.tensor([0.123456789], dtype=torch.float32)
+    want = (x.float() - means).to(dtype)
+    item = kernel_items(compile_plans([plan_whole("w", geometry_of(x.shape, "tensor"), x.shape, None, source=0)]),
+                        [plan_whole("w", geometry_of(x.shape, "tensor"), x.shape, None, source=0)])[0][0]
+    got = x.clone()
+    cpu.subtract(cpu.Table([replace(item, final=False)], [dtype]), [got], means)
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan)
+    assert torch.equal(got[~nan], want[~nan]), "rounding differs from torch's"

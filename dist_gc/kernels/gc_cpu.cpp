@@ -18,7 +18,7 @@
 #include <algorithm>
 #include <type_traits>
 #include <omp.h>
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -97,6 +97,38 @@ template <> void sub_run<Half>(Half* x, int64_t n, float m) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(h + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
   }
   for (; i < n; ++i) h[i] = _cvtss_sh(_cvtsh_ss(h[i]) - m, _MM_FROUND_TO_NEAREST_INT);
+}
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+// x86 with AVX512-BF16: 16 lanes per instruction; vcvtneps2bf16 rounds to nearest even
+// like c10::BFloat16 (a NaN stays a quiet NaN).
+inline __m512 ld16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+template <> double sum_run<uint16_t>(const uint16_t* x, int64_t n) {
+  double total = 0.0;
+  for (int64_t b = 0; b < n; b += BLOCK) {
+    const int64_t e = std::min(n, b + BLOCK);
+    __m512 acc = _mm512_setzero_ps();
+    int64_t i = b;
+    for (; i + 16 <= e; i += 16) acc = _mm512_add_ps(acc, ld16(x + i));
+    float a = _mm512_reduce_add_ps(acc);
+    for (; i < e; ++i) a += ld(x + i);
+    total += a;
+  }
+  return total;
+}
+
+template <> void sub_run<uint16_t>(uint16_t* x, int64_t n, float m) {
+  const __m512 mv = _mm512_set1_ps(m);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256bh r = _mm512_cvtneps_pbh(_mm512_sub_ps(ld16(x + i), mv));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(x + i), reinterpret_cast<const __m256i&>(r));
+  }
+  for (; i < n; ++i) st(x + i, ld(x + i) - m);
 }
 #endif
 
@@ -221,7 +253,7 @@ template <class T> void item_parallel(const Item& it, float* out, bool fused, st
     width = std::max(width, std::min(it.k2, (64 + it.a3 - 1) / it.a3));
     nb = (it.k2 + width - 1) / width;
     std::vector<double> acc;
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(static)
     for (int64_t k = 0; k < it.k0 * nb; ++k) {
       const int64_t i0 = k / nb, c_lo = (k % nb) * width, c_hi = std::min(it.k2, c_lo + width);
       acc.assign(c_hi - c_lo, 0.0);
@@ -342,7 +374,7 @@ int dist_gc_subtract(const int64_t* table, int64_t n, const float* means, int nt
     items.push_back(it);
   }
   nthreads = std::max(1, nthreads);
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+#pragma omp parallel for num_threads(nthreads) schedule(static)
   for (size_t u = 0; u < units.size(); ++u) {
     const Item& it = items[units[u].item];
     dispatch(it.dtype, [&](auto* tag) {
