@@ -135,7 +135,7 @@ def test_results_md_replaces_only_its_own_section(bench, tmp_path):
 def test_run_main_writes_json_png_and_section(bench, tmp_path, capsys):
     _, run = bench
     md = tmp_path / "R.md"
-    assert run.main(["--preset", "tiny", "--reps", "1", "--sections", "engine", "--out", str(tmp_path), "--results-md", str(md)]) == 0
+    assert run.main(["--preset", "tiny", "--reps", "1", "--sections", "engine", "--dtypes", "float32,bfloat16", "--out", str(tmp_path), "--results-md", str(md)]) == 0
     report = json.loads((tmp_path / "cpu.json").read_text())
     assert report["kind"] == "cpu" and report["kernels"] == ["auto"] and len(report["engine"]) == 8
     assert report["launches"]["rows"] is None and report["launches"]["reason"]
