@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -296,3 +297,41 @@ def test_subtraction_rounds_like_torch(dtype):
     nan = torch.isnan(want)
     assert torch.equal(torch.isnan(got), nan)
     assert torch.equal(got[~nan], want[~nan]), "rounding differs from torch's"
+
+
+_PORTABLE = textwrap.dedent("""
+    import torch
+    from dist_gc.kernels import cpu
+    from dist_gc.core.centralize import geometry_of
+    from dist_gc.engine.engine import GCEngine
+    from dist_gc.engine.layout import plan_whole
+    assert cpu.available(), cpu.error()
+    worst = 0.0
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for shape, mode, dim in (((70, 1000), "channel", 0), ((300, 700), "tensor", 0), ((40, 90), "channel", 1)):
+            g = (torch.randn(shape) + torch.rand(shape[0], 1) * 3).to(dtype)
+            want = g.double() - (g.double().mean() if mode == "tensor" else g.double().mean(1 - dim, keepdim=True))
+            e = GCEngine([plan_whole("w", geometry_of(shape, mode, dim), shape, dim if mode == "channel" else None, source=0)], [lambda: g])
+            e.step()
+            assert e.backend == "cpu"
+            tol = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps * float(want.abs().max() + 3)
+            worst = max(worst, float((g.double() - want).abs().max()) / tol)
+        x = (torch.randn(100_003) * 3).to(dtype)
+        m = torch.tensor([0.3])
+        got = x.clone()
+        from dist_gc.kernels.table import KernelItem
+        cpu.subtract(cpu.Table([KernelItem(0, 0, 0, (1, 1, 1, x.numel()), 0, False, True, 1.0)], [dtype]), [got], m)
+        assert torch.equal(got, (x.float() - m).to(dtype)), dtype
+    print(worst <= 1.0, worst)
+""")
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the vector paths are x86 ones")
+def test_portable_paths_without_avx512_and_f16c(tmp_path):
+    """The scalar/auto-vectorized paths a CPU without AVX-512 or F16C builds (the other
+    x86 machines, and the code ARM builds), built here with those features disabled."""
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "DIST_GC_KERNEL_CFLAGS": "-mno-avx512f -mno-f16c"}
+    env.pop("DIST_GC_KERNEL", None)
+    out = subprocess.run([sys.executable, "-c", _PORTABLE], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[0] == "True", out.stdout

@@ -34,6 +34,7 @@ __all__ = ["available", "accumulate", "subtract", "library", "DTYPES"]
 
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _COLS = 9
+CFLAGS_ENV = "DIST_GC_KERNEL_CFLAGS"
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gc_cpu.cpp")
 _LOCK = threading.Lock()
 _LIB: ctypes.CDLL | None = None
@@ -62,7 +63,11 @@ def library() -> ctypes.CDLL | None:
                 from torch.utils.cpp_extension import load
 
                 flags = ["-O3", "-std=c++17", "-fopenmp"] + (["-march=native"] if platform.machine() in ("x86_64", "AMD64") else ["-mcpu=native"])
-                path = load(name=f"dist_gc_cpu_{_cpu_tag()}", sources=[_SOURCE], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                # Extra flags (the tests build the portable paths with -mno-avx512f -mno-f16c);
+                # they are part of the cache name, so each set has its own library.
+                extra = os.environ.get(CFLAGS_ENV, "").split()
+                tag = _cpu_tag() + (hashlib.sha1(" ".join(extra).encode()).hexdigest()[:6] if extra else "")
+                path = load(name=f"dist_gc_cpu_{tag}", sources=[_SOURCE], extra_cflags=flags + extra, extra_ldflags=["-fopenmp"],
                             is_python_module=False, verbose=False)
                 lib = ctypes.CDLL(path)
                 for fn in (lib.dist_gc_accumulate, lib.dist_gc_subtract):

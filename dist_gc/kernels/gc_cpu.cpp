@@ -107,18 +107,34 @@ inline __m512 ld16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
 
-template <> double sum_run<uint16_t>(const uint16_t* x, int64_t n) {
+// Four independent accumulators: one add chain would be bound by the add latency
+// (4 cycles), not by the cache's bandwidth.
+template <class L, class S> double sum_run4(int64_t n, L load16, S scalar) {
   double total = 0.0;
   for (int64_t b = 0; b < n; b += BLOCK) {
     const int64_t e = std::min(n, b + BLOCK);
-    __m512 acc = _mm512_setzero_ps();
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     int64_t i = b;
-    for (; i + 16 <= e; i += 16) acc = _mm512_add_ps(acc, ld16(x + i));
-    float a = _mm512_reduce_add_ps(acc);
-    for (; i < e; ++i) a += ld(x + i);
+    for (; i + 64 <= e; i += 64) {
+      a0 = _mm512_add_ps(a0, load16(i));
+      a1 = _mm512_add_ps(a1, load16(i + 16));
+      a2 = _mm512_add_ps(a2, load16(i + 32));
+      a3 = _mm512_add_ps(a3, load16(i + 48));
+    }
+    for (; i + 16 <= e; i += 16) a0 = _mm512_add_ps(a0, load16(i));
+    float a = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    for (; i < e; ++i) a += scalar(i);
     total += a;
   }
   return total;
+}
+
+template <> double sum_run<uint16_t>(const uint16_t* x, int64_t n) {
+  return sum_run4(n, [x](int64_t i) { return ld16(x + i); }, [x](int64_t i) { return ld(x + i); });
+}
+
+template <> double sum_run<float>(const float* x, int64_t n) {
+  return sum_run4(n, [x](int64_t i) { return _mm512_loadu_ps(x + i); }, [x](int64_t i) { return x[i]; });
 }
 
 template <> void sub_run<uint16_t>(uint16_t* x, int64_t n, float m) {
@@ -219,15 +235,19 @@ template <class T> void item_parallel(const Item& it, float* out, bool fused, st
     return;
   }
   if (it.a1 == 1) {
-    // few long lines (mode="tensor"): fixed chunks summed in parallel, combined in order
-    const int64_t per = (it.a3 + CHUNK - 1) / CHUNK;
+    // few long lines (mode="tensor"): fixed chunks summed in parallel, combined in order.
+    // Each thread takes one contiguous range of chunks for both passes and subtracts it
+    // backwards, so the chunks it summed last are still in its cache.
+    const int64_t per = (it.a3 + CHUNK - 1) / CHUNK, total_chunks = S * per;
+    const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+    const int64_t lo = total_chunks * tid / nt, hi = total_chunks * (tid + 1) / nt;
 #pragma omp single
-    shared.assign(S * per, 0.0);
-#pragma omp for schedule(static)
-    for (int64_t k = 0; k < S * per; ++k) {
+    shared.assign(total_chunks, 0.0);
+    for (int64_t k = lo; k < hi; ++k) {
       const int64_t s = k / per, b = (k % per) * CHUNK;
       shared[k] = sum_run(x + s * it.a3 + b, std::min(CHUNK, it.a3 - b));
     }
+#pragma omp barrier
 #pragma omp single
     for (int64_t s = 0; s < S; ++s) {
       double total = 0.0;
@@ -235,11 +255,11 @@ template <class T> void item_parallel(const Item& it, float* out, bool fused, st
       if (fused) out[s] = float(total / double(it.count)); else out[s] += float(total);
     }
     if (fused) {
-#pragma omp for schedule(static)
-      for (int64_t k = 0; k < S * per; ++k) {
+      for (int64_t k = hi - 1; k >= lo; --k) {
         const int64_t s = k / per, b = (k % per) * CHUNK;
         sub_run(x + s * it.a3 + b, std::min(CHUNK, it.a3 - b), out[s]);
       }
+#pragma omp barrier
     }
     return;
   }
