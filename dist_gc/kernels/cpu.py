@@ -22,6 +22,8 @@ import ctypes
 import hashlib
 import os
 import platform
+import shutil
+import sys
 import threading
 import warnings
 from typing import Sequence
@@ -51,6 +53,25 @@ def _cpu_tag() -> str:
     return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
 
 
+def _put_ninja_on_path() -> None:
+    """torch's builder runs ``ninja`` from PATH; the ``ninja`` wheel (a dependency)
+    installs it beside the interpreter, which is not on PATH when a venv's python is
+    run without activating the venv: add that directory then (this process only)."""
+    if shutil.which("ninja"):
+        return
+    for where in (os.path.dirname(sys.executable), getattr(_try_import("ninja"), "BIN_DIR", None)):
+        if where and os.path.exists(os.path.join(where, "ninja")):
+            os.environ["PATH"] = where + os.pathsep + os.environ.get("PATH", "")
+            return
+
+
+def _try_import(name: str):
+    try:
+        return __import__(name)
+    except ImportError:
+        return None
+
+
 def library() -> ctypes.CDLL | None:
     """The built library (building it on first use), or ``None`` if it cannot be built
     here (the reason is warned once and kept in :func:`error`)."""
@@ -61,6 +82,8 @@ def library() -> ctypes.CDLL | None:
         if _LIB is None and _ERROR is None:
             try:
                 from torch.utils.cpp_extension import load
+
+                _put_ninja_on_path()
 
                 flags = ["-O3", "-std=c++17", "-fopenmp"] + (["-march=native"] if platform.machine() in ("x86_64", "AMD64") else ["-mcpu=native"])
                 # Extra flags (the tests build the portable paths with -mno-avx512f -mno-f16c);
