@@ -187,8 +187,8 @@ def compile_plans(plans: Sequence[TensorPlan]) -> CompiledPlans:
         spans = [(r.sum_start, r.sum_stop) for r in plan.regions]
         g = plan.geometry
         for r in plan.regions:
-            numel = math.prod(r.shape if r.shape is not None else r.source_shape if r.source_shape is not None else ()) if (
-                r.shape is not None or r.source_shape is not None) else g.numel
+            shape = r.shape if r.shape is not None else r.source_shape
+            numel = math.prod(shape) if shape is not None else g.numel
             overlaps = sum(1 for lo, hi in spans if lo < r.sum_stop and r.sum_start < hi)
             reduced = any(red.sum_start < r.sum_stop and r.sum_start < red.sum_stop for red in plan.reductions)
             dims = tuple(i for i, b in enumerate(r.sum_shape) if b == 1)
