@@ -249,10 +249,10 @@ _BUILD = textwrap.dedent("""
 """)
 
 
-def _run_build(tmp_path, **env):
+def _run_build(tmp_path, timeout=600, **env):
     full = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), **env}
     full.pop("DIST_GC_KERNEL", None)
-    out = subprocess.run([sys.executable, "-c", _BUILD], env=full, capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-c", _BUILD], env=full, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stderr[-3000:]
     fields = out.stdout.strip().split(" ", 4)
     return fields + [""] * (5 - len(fields))
@@ -335,3 +335,19 @@ def test_portable_paths_without_avx512_and_f16c(tmp_path):
     out = subprocess.run([sys.executable, "-c", _PORTABLE], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split()[0] == "True", out.stdout
+
+
+def test_a_lock_left_by_a_dead_builder_does_not_hang(tmp_path):
+    """A rank killed mid-build (torchrun, SLURM) leaves torch's build lock behind, and
+    torch's builder would wait on it forever: a lock older than STALE_LOCK_S is removed
+    with a warning naming it, and the build goes on."""
+    from dist_gc.kernels.cpu import STALE_LOCK_S, _cpu_tag
+
+    lock = tmp_path / "ext" / f"dist_gc_cpu_{_cpu_tag()}" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text("")
+    old = lock.stat().st_mtime - STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    ok, backend, err, _, warns = _run_build(tmp_path, timeout=120)
+    assert (ok, backend) == ("True", "cpu") and float(err) <= 1e-5, (ok, backend, warns)
+    assert f"removing {lock}" in warns and "left by a kernel build that did not finish" in warns

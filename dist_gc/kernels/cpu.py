@@ -18,6 +18,7 @@ the engine uses its torch ops (the tested fallback).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -25,6 +26,7 @@ import platform
 import shutil
 import sys
 import threading
+import time
 import warnings
 from typing import Sequence
 
@@ -50,7 +52,8 @@ def _cpu_tag() -> str:
             flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
     except OSError:
         pass
-    return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
+    # the CPU's features, and what the library is built against
+    return hashlib.sha1(f"{platform.machine()} {flags} {sys.version_info[:2]} {torch.__version__}".encode()).hexdigest()[:10]
 
 
 def _put_ninja_on_path() -> None:
@@ -72,6 +75,59 @@ def _try_import(name: str):
         return None
 
 
+#: A build lock older than this is taken as left by a builder that died (a rank killed
+#: mid-build by torchrun or SLURM): torch's lock has no owner check and every later
+#: process would wait on it forever. A real build takes seconds (about 2 s here, 20 s
+#: on a loaded machine).
+STALE_LOCK_S = 60.0
+#: Give up building (and use the torch ops) after this long.
+BUILD_TIMEOUT_S = 600.0
+
+
+def _remove_if_stale(lock: str) -> None:
+    try:
+        age = time.time() - os.path.getmtime(lock)
+    except OSError:
+        return
+    if age > STALE_LOCK_S:
+        warnings.warn(f"dist_gc: removing {lock}, {age:.0f} s old: left by a kernel build that did not finish", RuntimeWarning, stacklevel=4)
+        with contextlib.suppress(OSError):
+            os.remove(lock)
+
+
+def _build(name: str, flags: list[str]) -> str:
+    """``torch.utils.cpp_extension.load`` in a helper thread, so that a lock left by a
+    dead builder can be removed (with a warning) instead of hanging this process."""
+    from torch.utils import cpp_extension
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    build_dir = os.path.join(root, name)
+    os.makedirs(build_dir, exist_ok=True)
+    lock = os.path.join(build_dir, "lock")
+    _remove_if_stale(lock)  # (then this process builds; one found stale while waiting below ends the wait)
+    result: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            result["path"] = cpp_extension.load(name=name, sources=[_SOURCE], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                                                build_directory=build_dir, is_python_module=False, verbose=False)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            result["error"] = exc
+
+    worker = threading.Thread(target=run, name="dist_gc-kernel-build", daemon=True)
+    worker.start()
+    deadline = time.monotonic() + BUILD_TIMEOUT_S
+    while worker.is_alive():
+        worker.join(1.0)
+        if worker.is_alive():
+            _remove_if_stale(lock)
+        if worker.is_alive() and time.monotonic() > deadline:
+            raise TimeoutError(f"the build in {build_dir} did not finish in {BUILD_TIMEOUT_S:.0f} s")
+    if "error" in result:
+        raise result["error"]  # type: ignore[misc]
+    return str(result["path"])
+
+
 def library() -> ctypes.CDLL | None:
     """The built library (building it on first use), or ``None`` if it cannot be built
     here (the reason is warned once and kept in :func:`error`)."""
@@ -81,18 +137,13 @@ def library() -> ctypes.CDLL | None:
     with _LOCK:
         if _LIB is None and _ERROR is None:
             try:
-                from torch.utils.cpp_extension import load
-
                 _put_ninja_on_path()
-
                 flags = ["-O3", "-std=c++17", "-fopenmp"] + (["-march=native"] if platform.machine() in ("x86_64", "AMD64") else ["-mcpu=native"])
                 # Extra flags (the tests build the portable paths with -mno-avx512f -mno-f16c);
                 # they are part of the cache name, so each set has its own library.
                 extra = os.environ.get(CFLAGS_ENV, "").split()
                 tag = _cpu_tag() + (hashlib.sha1(" ".join(extra).encode()).hexdigest()[:6] if extra else "")
-                path = load(name=f"dist_gc_cpu_{tag}", sources=[_SOURCE], extra_cflags=flags + extra, extra_ldflags=["-fopenmp"],
-                            is_python_module=False, verbose=False)
-                lib = ctypes.CDLL(path)
+                lib = ctypes.CDLL(_build(f"dist_gc_cpu_{tag}", flags + extra))
                 for fn in (lib.dist_gc_accumulate, lib.dist_gc_subtract):
                     fn.restype = ctypes.c_int
                 lib.dist_gc_accumulate.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
