@@ -339,15 +339,25 @@ def test_portable_paths_without_avx512_and_f16c(tmp_path):
 
 def test_a_lock_left_by_a_dead_builder_does_not_hang(tmp_path):
     """A rank killed mid-build (torchrun, SLURM) leaves torch's build lock behind, and
-    torch's builder would wait on it forever: a lock older than STALE_LOCK_S is removed
-    with a warning naming it, and the build goes on."""
-    from dist_gc.kernels.cpu import STALE_LOCK_S, _cpu_tag
+    torch's builder would wait on it forever. dist_gc builds under its own flock (freed
+    by the kernel when its holder dies), so a torch lock found under it is stale: it is
+    removed with a warning naming it, and the build goes on."""
+    from dist_gc.kernels.cpu import _cpu_tag
 
     lock = tmp_path / "ext" / f"dist_gc_cpu_{_cpu_tag()}" / "lock"
     lock.parent.mkdir(parents=True)
     lock.write_text("")
-    old = lock.stat().st_mtime - STALE_LOCK_S - 60
-    os.utime(lock, (old, old))
     ok, backend, err, _, warns = _run_build(tmp_path, timeout=120)
     assert (ok, backend) == ("True", "cpu") and float(err) <= 1e-5, (ok, backend, warns)
     assert f"removing {lock}" in warns and "left by a kernel build that did not finish" in warns
+    # a build killed mid-way (SIGKILL while holding the flock) blocks nobody either
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext2")}
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time; d = sys.argv[1]; os.makedirs(d); f = open(os.path.join(d, 'dist_gc.flock'), 'a'); "
+        "fcntl.flock(f, fcntl.LOCK_EX); open(os.path.join(d, 'lock'), 'w').close(); print('held', flush=True); time.sleep(600)"),
+        str(tmp_path / "ext2" / f"dist_gc_cpu_{_cpu_tag()}")], env=env, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    holder.kill()
+    holder.wait()
+    ok, backend, err, _, warns = _run_build(tmp_path / "x", timeout=120, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext2"))
+    assert (ok, backend) == ("True", "cpu"), (ok, backend, warns)

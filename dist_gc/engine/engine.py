@@ -273,6 +273,17 @@ class GCEngine:
         # through the torch ops beside them.
         self._kitems, self._rest = kernel_items(self.compiled, self.plans)
         self._owner = [k for k, p in enumerate(self.plans) for _ in p.regions]
+        # Sources viewed as themselves must keep their planned shape (a Parameter whose
+        # .data was replaced keeps its identity); sources viewed through flat slices must
+        # be contiguous (a channels-last grouped ConvTranspose weight is copied for the step).
+        self._source_shapes: dict[int, tuple[torch.Size, str]] = {}
+        self._flat_sources: set[int] = set()
+        for it, owner in zip(self.compiled.items, self._owner):
+            r = it.region
+            if r.shape is None and r.source_shape is not None:
+                self._source_shapes[r.source] = (torch.Size(r.source_shape), self.plans[owner].name)
+            elif r.shape is not None:
+                self._flat_sources.add(r.source)
         self._bound: dict[tuple, Bound] = {}
         self._temp_limit = temp_limit_bytes
         self._device: torch.device | None = None
@@ -463,6 +474,11 @@ class GCEngine:
         for g in grads:
             if g is not None and g.is_sparse:
                 raise RuntimeError("dist_gc: sparse gradients are not supported (use a dense nn.Embedding)")
+        for i, (shape, name) in self._source_shapes.items():
+            g = grads[i]
+            if g is not None and g.shape != shape:
+                raise RuntimeError(f"dist_gc: the gradient of {name!r} has shape {tuple(g.shape)}, but GC was planned for {tuple(shape)}: "
+                                   "the parameter changed shape after attach; call handle.remove() and attach again")
 
     def _presence(self, grads: list[torch.Tensor | None], stats: GCStats) -> None:
         """Fill ``stats.centralized`` / ``without_grad`` for this step; raise when no
@@ -491,6 +507,12 @@ class GCEngine:
         grads: list[torch.Tensor | None] = [None] * len(self.sources)
         for i in self._used:
             grads[i] = self.sources[i]()
+        copies = []  # (gradient, contiguous copy) of non-contiguous sources viewed flat
+        for i in self._flat_sources:
+            g = grads[i]
+            if g is not None and not g.is_contiguous() and not g.is_sparse:
+                grads[i] = g.contiguous()
+                copies.append((g, grads[i]))
         self._prepare(grads)
         self._presence(grads, stats)
         limit = self.temp_limit_bytes
@@ -523,6 +545,8 @@ class GCEngine:
             subtract_means_(x, m, limit, scratch)
         if self.full_stats:
             self._measure_after(grads, sq_before, stats)
+        for g, c in copies:
+            g.copy_(c)
         self.steps += 1
         stats.step = self.steps
         stats.seconds = time.perf_counter() - t0

@@ -40,10 +40,11 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def resolve_kernel(kernel: str | None) -> str:
     """``kernel``, else ``$DIST_GC_KERNEL``, else ``"auto"``; raises ``ValueError`` naming
     the value and the allowed ones."""
-    value = kernel if kernel is not None else os.environ.get(KERNEL_ENV, "auto")
+    raw = kernel if kernel is not None else (os.environ.get(KERNEL_ENV) or "auto")  # (an empty variable is unset)
+    value = raw.strip().lower() if isinstance(raw, str) else raw
     if value not in KERNELS:
         src = "kernel=" if kernel is not None else f"{KERNEL_ENV}="
-        raise ValueError(f"dist_gc: {src}{value!r} is not a kernel backend (allowed: {', '.join(KERNELS)})")
+        raise ValueError(f"dist_gc: {src}{raw!r} is not a kernel backend (allowed: {', '.join(KERNELS)})")
     return value
 
 

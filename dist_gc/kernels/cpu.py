@@ -75,57 +75,55 @@ def _try_import(name: str):
         return None
 
 
-#: A build lock older than this is taken as left by a builder that died (a rank killed
-#: mid-build by torchrun or SLURM): torch's lock has no owner check and every later
-#: process would wait on it forever. A real build takes seconds (about 2 s here, 20 s
-#: on a loaded machine).
-STALE_LOCK_S = 60.0
-#: Give up building (and use the torch ops) after this long.
+#: Give up waiting for another process's build (and use the torch ops) after this long.
 BUILD_TIMEOUT_S = 600.0
 
 
-def _remove_if_stale(lock: str) -> None:
+@contextlib.contextmanager
+def _build_lock(build_dir: str):
+    """An exclusive ``flock`` on ``build_dir/dist_gc.flock`` for the duration of the build.
+
+    Why not only torch's own lock (``build_dir/lock``): it is a plain file with no owner,
+    so a process killed mid-build (torchrun and SLURM send SIGTERM) leaves it behind and
+    every later process waits on it forever. The kernel releases a ``flock`` when its
+    holder dies, so whoever holds ours knows that any torch lock file left in the
+    directory is stale (every dist_gc build takes ours first) and removes it."""
     try:
-        age = time.time() - os.path.getmtime(lock)
-    except OSError:
+        import fcntl
+    except ImportError:  # (no flock: Windows) torch's lock alone
+        yield
         return
-    if age > STALE_LOCK_S:
-        warnings.warn(f"dist_gc: removing {lock}, {age:.0f} s old: left by a kernel build that did not finish", RuntimeWarning, stacklevel=4)
-        with contextlib.suppress(OSError):
-            os.remove(lock)
+    with open(os.path.join(build_dir, "dist_gc.flock"), "a") as f:
+        deadline = time.monotonic() + BUILD_TIMEOUT_S
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"another process has been building in {build_dir} for over {BUILD_TIMEOUT_S:.0f} s") from None
+                time.sleep(0.1)
+        try:
+            stale = os.path.join(build_dir, "lock")
+            if os.path.exists(stale):
+                warnings.warn(f"dist_gc: removing {stale}, left by a kernel build that did not finish", RuntimeWarning, stacklevel=4)
+                with contextlib.suppress(OSError):
+                    os.remove(stale)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _build(name: str, flags: list[str]) -> str:
-    """``torch.utils.cpp_extension.load`` in a helper thread, so that a lock left by a
-    dead builder can be removed (with a warning) instead of hanging this process."""
+    """Build (or load from the cache) the library; returns its path."""
     from torch.utils import cpp_extension
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
     build_dir = os.path.join(root, name)
     os.makedirs(build_dir, exist_ok=True)
-    lock = os.path.join(build_dir, "lock")
-    _remove_if_stale(lock)  # (then this process builds; one found stale while waiting below ends the wait)
-    result: dict[str, object] = {}
-
-    def run() -> None:
-        try:
-            result["path"] = cpp_extension.load(name=name, sources=[_SOURCE], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                                                build_directory=build_dir, is_python_module=False, verbose=False)
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller
-            result["error"] = exc
-
-    worker = threading.Thread(target=run, name="dist_gc-kernel-build", daemon=True)
-    worker.start()
-    deadline = time.monotonic() + BUILD_TIMEOUT_S
-    while worker.is_alive():
-        worker.join(1.0)
-        if worker.is_alive():
-            _remove_if_stale(lock)
-        if worker.is_alive() and time.monotonic() > deadline:
-            raise TimeoutError(f"the build in {build_dir} did not finish in {BUILD_TIMEOUT_S:.0f} s")
-    if "error" in result:
-        raise result["error"]  # type: ignore[misc]
-    return str(result["path"])
+    with _build_lock(build_dir):
+        return cpp_extension.load(name=name, sources=[_SOURCE], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                                  build_directory=build_dir, is_python_module=False, verbose=False)
 
 
 def library() -> ctypes.CDLL | None:

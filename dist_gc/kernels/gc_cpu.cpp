@@ -27,6 +27,8 @@ namespace {
 constexpr int64_t BLOCK = 2048;       // fp32 lanes per block before an fp64 add
 constexpr int64_t SMALL = 1 << 16;    // items up to this many elements: one thread each
 constexpr int64_t CHUNK = 1 << 16;    // fixed chunk of a long run summed by one task
+constexpr int64_t MANY_LINES = 64;    // a1 == 1 items with this many lines: one task per line
+constexpr int64_t MANY_CHANNELS = 64; // a1 > 1 items with this many channels: tasks own channel blocks
 
 enum : int64_t { F32 = 0, BF16 = 1, F16 = 2 };
 enum : int64_t { FINAL = 1, EXCLUSIVE = 2 };
@@ -218,7 +220,9 @@ template <class T> void item_serial(const Item& it, float* out, bool fused, std:
 template <class T> void item_parallel(const Item& it, float* out, bool fused, std::vector<double>& shared, int nthreads) {
   T* x = static_cast<T*>(it.ptr);
   const int64_t S = it.slots();
-  if (it.a1 == 1 && S >= 4 * nthreads) {
+  // (Which path sums an item depends on its shape only, never on the thread count: the
+  // paths add in different orders, and replicas with different thread counts must agree.)
+  if (it.a1 == 1 && S >= MANY_LINES) {
     // many lines: each line summed (and, fused, subtracted) by one thread
 #pragma omp for schedule(static)
     for (int64_t s = 0; s < S; ++s) {
@@ -265,7 +269,7 @@ template <class T> void item_parallel(const Item& it, float* out, bool fused, st
   }
   // a1 > 1: a channel's elements recur every k2*a3 (strided output dim, blocked
   // geometries).
-  if (S >= 8 * nthreads) {
+  if (S >= MANY_CHANNELS) {
     // Many channels: tasks own blocks of channels (disjoint slots) and sum them over
     // every row; a block's run in a row is >= 64 elements where the row allows.
     int64_t nb = std::min(it.k2, std::max<int64_t>(1, (4 * nthreads + it.k0 - 1) / it.k0));
