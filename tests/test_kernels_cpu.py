@@ -361,3 +361,64 @@ def test_a_lock_left_by_a_dead_builder_does_not_hang(tmp_path):
     holder.wait()
     ok, backend, err, _, warns = _run_build(tmp_path / "x", timeout=120, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext2"))
     assert (ok, backend) == ("True", "cpu"), (ok, backend, warns)
+
+
+def test_adversarial_cancellation_is_the_same_on_any_thread_count():
+    """Values that cancel (|x| up to 2**24 beside small ones) make the order of additions
+    visible; the path that sums a tensor depends on its shape only, so 1, 2 and 3
+    threads give the same bits (rows: the chunked line path; strided: row chunks)."""
+    g = torch.Generator().manual_seed(3)
+    rows = torch.randn(4, 131072, generator=g)
+    rows[:, ::2] += 2.0**24
+    rows[:, 1::2] -= 2.0**24
+    strided = torch.randn(16384, 8, generator=g)
+    strided[::2] += 2.0**24
+    strided[1::2] -= 2.0**24
+    outs = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            xs = [rows.clone(), strided.clone()]
+            plans = [plan_whole("rows", geometry_of(rows.shape), rows.shape, 0, source=0),
+                     plan_whole("strided", geometry_of(strided.shape, "channel", 1), strided.shape, 1, source=1)]
+            _engine(plans, xs, "cpu").step()
+            outs.append(xs)
+    finally:
+        torch.set_num_threads(before)
+    for other in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outs[0], other))
+
+
+def test_a_gradient_that_changed_shape_raises_naming_it():
+    """A Parameter whose ``.data`` was replaced by another shape keeps its identity: the
+    engine compares shapes at every step rather than reading the plan's elements."""
+    plan = plan_whole("lin.weight", geometry_of((4, 5)), (4, 5), 0, source=0)
+    holder = [torch.randn(4, 5)]
+    e = _engine([plan], [], "auto")
+    e.sources = [lambda: holder[0]]
+    e.step()
+    for shape in ((4, 6), (5, 4), (2, 10), (20,)):
+        holder[0] = torch.randn(shape)
+        with pytest.raises(RuntimeError, match=r"the gradient of 'lin.weight' has shape .* but GC was planned for \(4, 5\).*attach again"):
+            e.step()
+
+
+@pytest.mark.parametrize("kernel", ["cpu", "torch"])
+def test_non_contiguous_blocked_gradients_are_exact(kernel):
+    """A grouped ConvTranspose weight in channels-last (and a transposed stacked-expert
+    gradient) is viewed flat by its blocked geometry: it is centralized through a
+    contiguous copy and written back."""
+    w = _grad((6, 3, 4, 4), torch.float32, 4).to(memory_format=torch.channels_last)
+    assert not w.is_contiguous()
+    geo = geometry_of(w.shape, "channel", 1, groups=2)
+    v = w.double().contiguous().reshape(geo.groups, geo.outer, geo.channels, geo.inner)
+    want = (v - v.mean((1, 3), keepdim=True)).reshape(w.shape)
+    experts = _grad((4, 16, 8), torch.float32, 5).transpose(1, 2)  # (E, 8, 16), non-contiguous
+    egeo = geometry_of(experts.shape, "channel", 1, batch_dims=1)
+    ewant = experts.double() - experts.double().mean(2, keepdim=True)
+    plans = [plan_whole("deconv.weight", geo, w.shape, 1, source=0), plan_whole("experts", egeo, experts.shape, 1, source=1)]
+    _engine(plans, [w, experts], kernel).step()
+    assert float((w.double() - want).abs().max()) <= 1e-5
+    assert float((experts.double() - ewant).abs().max()) <= 1e-5
+    assert not w.is_contiguous()  # written back into the caller's tensor, layout kept
