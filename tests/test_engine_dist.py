@@ -31,7 +31,7 @@ TENSORS = [
 # (under its interpreter on CPU tensors), and the torch ops with the test-only switch
 # that takes the CUDA branches (GPU chunk sizes, fp32 batching, the comm-device
 # transfer) on CPU tensors.
-KERNELS = ["torch", "cpu", "pretend"] + (["triton"] if importlib.util.find_spec("triton") and importlib.util.find_spec("dist_gc.kernels.triton") else [])
+KERNELS = ["torch", "cpu", "pretend"] + (["triton"] if importlib.util.find_spec("triton") else [])
 CASES = [(layout, mode, dtype, kernel) for layout in ("concat", "per_tensor") for mode in ("channel", "tensor") for dtype in ("float32", "bfloat16")
          for kernel in KERNELS]
 

@@ -116,6 +116,8 @@ class _Item:
     stat_slot: int
     """Index into ``CompiledPlans.stat_groups``; -1: not counted in statistics (a replica)."""
     numel: int
+    plan: int
+    """Index of the plan the region belongs to."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +183,7 @@ def compile_plans(plans: Sequence[TensorPlan]) -> CompiledPlans:
     buckets = tuple(_Bucket(g, tuple(s), sum(hi - lo for lo, hi in s)) for g, s in bucket_slices.items())
     stat_groups = tuple(dict.fromkeys([(), *(p.shard_groups for p in plans)]))
     items = []
-    for plan, base in zip(plans, offsets):
+    for p_index, (plan, base) in enumerate(zip(plans, offsets)):
         # A replica (TensorPlan.counted False) is left out of model-wide statistics.
         slot = stat_groups.index(plan.shard_groups) if plan.counted else -1
         spans = [(r.sum_start, r.sum_stop) for r in plan.regions]
@@ -193,7 +195,7 @@ def compile_plans(plans: Sequence[TensorPlan]) -> CompiledPlans:
             reduced = any(red.sum_start < r.sum_stop and r.sum_start < red.sum_stop for red in plan.reductions)
             dims = tuple(i for i, b in enumerate(r.sum_shape) if b == 1)
             items.append(_Item(r, dims, base + r.sum_start, base + r.sum_stop, overlaps == 1 and bool(dims),
-                               overlaps == 1 and not reduced, slot, numel))
+                               overlaps == 1 and not reduced, slot, numel, p_index))
     deferred = list(counts)
     for it in items:
         if it.final:
@@ -272,19 +274,19 @@ class GCEngine:
         # The fused kernels' view of the items; the few no kernel takes (`_rest`) go
         # through the torch ops beside them.
         self._kitems, self._rest = kernel_items(self.compiled, self.plans)
-        self._owner = [k for k, p in enumerate(self.plans) for _ in p.regions]
         # Sources viewed as themselves must keep their planned shape (a Parameter whose
         # .data was replaced keeps its identity); sources viewed through flat slices must
         # be contiguous (a channels-last grouped ConvTranspose weight is copied for the step).
         self._source_shapes: dict[int, tuple[torch.Size, str]] = {}
         self._flat_sources: set[int] = set()
-        for it, owner in zip(self.compiled.items, self._owner):
+        for it in self.compiled.items:
             r = it.region
             if r.shape is None and r.source_shape is not None:
-                self._source_shapes[r.source] = (torch.Size(r.source_shape), self.plans[owner].name)
+                self._source_shapes[r.source] = (torch.Size(r.source_shape), self.plans[it.plan].name)
             elif r.shape is not None:
                 self._flat_sources.add(r.source)
         self._bound: dict[tuple, Bound] = {}
+        self._backends: dict[tuple, str | None] = {}
         self._temp_limit = temp_limit_bytes
         self._device: torch.device | None = None
         self._acc_dtype = torch.float32
@@ -419,21 +421,29 @@ class GCEngine:
             g = grads[it.source]
             if g is None:
                 continue
-            (present if g.is_contiguous() else rest).append(it if g.is_contiguous() else it.item)
+            if g.is_contiguous():
+                present.append(it)
+            else:
+                rest.append(it.item)
         if not present:
             return None, [], every
         dtypes = tuple(grads[it.source].dtype for it in present)
-        backend = select_backend(self.kernel, self._device, sorted(set(dtypes), key=str))
+        # The choice depends only on the device and the dtypes: made once per pair (an
+        # explicit kernel that cannot run raises here, at its first step, and every step).
+        choice = (self._device, frozenset(dtypes))
+        if choice not in self._backends:
+            self._backends[choice] = select_backend(self.kernel, self._device, sorted(choice[1], key=str))
+        backend = self._backends[choice]
         if backend is None:
             return None, [], every
         key = (backend, tuple(it.item for it in present), dtypes)
         bound = self._bound.get(key)
         if bound is None:
-            bound = self._bound[key] = Bound(backend, present, dtypes, self._device)
+            bound = self._bound[key] = Bound(backend, present, dtypes)
         views = [grads[it.source].view(-1)[it.start : it.start + it.numel] for it in present]
         for it, v in zip(present, views):
             if v.numel() != it.numel:  # (a slice past the end is silently short: never hand that to a kernel)
-                raise RuntimeError(f"dist_gc: {self._names[self._owner[it.item]]!r}: its gradient buffer holds {grads[it.source].numel()} "
+                raise RuntimeError(f"dist_gc: {self._names[self.compiled.items[it.item].plan]!r}: its gradient buffer holds {grads[it.source].numel()} "
                                    f"elements, the plan views [{it.start}, {it.start + it.numel}); the layout does not match the gradient")
         return bound, views, sorted(rest)
 

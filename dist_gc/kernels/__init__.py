@@ -18,7 +18,6 @@ falls back to its torch ops (``kernel="torch"``) for anything a backend does not
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from typing import Sequence
 
@@ -49,9 +48,7 @@ def resolve_kernel(kernel: str | None) -> str:
 
 
 def _triton_runs_on(device: torch.device) -> bool:
-    if importlib.util.find_spec("triton") is None:
-        return False
-    from . import triton as triton_backend
+    from . import triton as triton_backend  # (imports triton itself only when asked: False without it)
 
     return triton_backend.available(device)
 
@@ -92,7 +89,7 @@ class Bound:
     ``accumulate`` runs over every item (fused: final ones are centralized there),
     ``subtract`` over the others."""
 
-    def __init__(self, backend: str, items: Sequence[KernelItem], dtypes: Sequence[torch.dtype], device: torch.device) -> None:
+    def __init__(self, backend: str, items: Sequence[KernelItem], dtypes: Sequence[torch.dtype]) -> None:
         self.backend, self.items = backend, tuple(items)
         self._later = [k for k, it in enumerate(self.items) if not it.final]
         later = [self.items[k] for k in self._later]

@@ -91,11 +91,10 @@ def canonical_shape(shape: Sequence[int], sum_shape: Sequence[int]) -> tuple[int
 def kernel_items(compiled, plans: Sequence) -> tuple[tuple[KernelItem, ...], tuple[int, ...]]:
     """Kernel items for ``compiled`` (a ``CompiledPlans`` of ``plans``), and the indices of
     the items no kernel can take (left to the torch path)."""
-    owner = [k for k, p in enumerate(plans) for _ in p.regions]
     out: list[KernelItem] = []
     rest: list[int] = []
     for i, it in enumerate(compiled.items):
-        plan = plans[owner[i]]
+        plan = plans[it.plan]
         r = it.region
         if r.shape is None:
             # the source itself (a whole tensor, a DTensor's local block), as its own shape
